@@ -106,8 +106,16 @@ def optq(
         for i in range(i2 - i1):
             k = i1 + i
             if group_size is not None and not static_groups and k % g == 0:
-                # grid of a new group from the current (partly updated) weights, as GPTQ does
-                s, z = quantizer.row_params(W[:, k:k + g])
+                # grid of a new group from its current (partly updated) weights, as GPTQ does. The
+                # block's columns are up to date in W1; columns past the block still lack this
+                # block's pending updates (Err1 so far), added here, so the grid (and the result)
+                # does not depend on blocksize. (GPTQ's code reads the block-start W here, which
+                # differs only when a group starts inside a block: group_size not a multiple of
+                # blocksize, e.g. g64 with the default blocksize 128.)
+                cur = W1[:, i:i + g]
+                if k + g > i2:
+                    cur = torch.cat([cur, W[:, i2:k + g] - Err1[:, :i] @ U[i1:k, i2:k + g]], dim=1)
+                s, z = quantizer.row_params(cur)
                 scale_g[:, k // g], zero_g[:, k // g] = s[:, 0], z[:, 0]
             gi = group_of[k]
             w = W1[:, i]

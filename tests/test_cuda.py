@@ -1,0 +1,112 @@
+"""The core library on CUDA gives the CPU results (skipped without a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magr.optq import optq
+from magr.projection import project_l1_ball, prox_linf
+from magr.quantizers import cd_objective, cd_refine, rtn
+from magr.solver import magr_preprocess
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """No TF32 shortcuts: the GPU must reproduce the CPU's float32 arithmetic up to rounding."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def problem(seed: int, out: int = 64, n: int = 128, tokens: int = 512):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, n, generator=g) @ (torch.randn(n, n, generator=g) / n**0.5)
+    W = 0.05 * torch.randn(out, n, generator=g)
+    W[::8, 3] = 0.5  # outliers
+    return W, X.T @ X, X
+
+
+def loss(X, Q, W) -> float:
+    X, Q, W = X.double().cpu(), Q.double().cpu(), W.double().cpu()
+    return float(((X @ (Q - W).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("method", ["sort", "newton"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_projection_cuda_matches_cpu(method, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(256, 11008, generator=g).to(dtype)
+    V[0] = 0.0
+    V[1, :100] = 2.0  # ties
+    radii = V.abs().sum(dim=1) * torch.rand(256, generator=g).to(dtype) * 1.2
+    cpu = project_l1_ball(V, radii, method=method)
+    gpu = project_l1_ball(V.to(CUDA), radii.to(CUDA), method=method)
+    assert gpu.device.type == "cuda"
+    scale = V.abs().amax(dim=1, keepdim=True)
+    assert torch.all((gpu.cpu() - cpu).abs() <= tol * scale)
+
+
+@pytest.mark.parametrize("method", ["sort", "newton"])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_prox_cuda_matches_cpu(method, group_size):
+    V = torch.randn(512, 4096, generator=torch.Generator().manual_seed(1))
+    cpu = prox_linf(V, 0.5, group_size, method)
+    gpu = prox_linf(V.to(CUDA), 0.5, group_size, method)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("projection", ["sort", "newton"])
+@pytest.mark.parametrize("group_size,alpha", [(None, 1e-3), (32, 1e-4)])
+def test_magr_cuda_matches_cpu(projection, group_size, alpha):
+    W, H, _ = problem(2)
+    kwargs = dict(alpha=alpha, iters=100, group_size=group_size, projection=projection,
+                  dtype=torch.float64, return_info=True)
+    cpu, info_cpu = magr_preprocess(W.double(), H.double(), **kwargs)
+    gpu, info_gpu = magr_preprocess(W.double().to(CUDA), H.double().to(CUDA), **kwargs)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(info_gpu.objective), torch.tensor(info_cpu.objective),
+                               rtol=1e-9, atol=0)
+    # float32 on the GPU: same result up to float32 rounding
+    gpu32 = magr_preprocess(W.to(CUDA), H.to(CUDA), alpha=alpha, iters=100, group_size=group_size,
+                            projection=projection)
+    torch.testing.assert_close(gpu32.cpu(), cpu.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,actorder,static_groups", [
+    (None, False, False), (None, True, False), (32, False, False), (32, True, False), (32, True, True),
+])
+def test_optq_cuda_matches_cpu(bits, group_size, actorder, static_groups):
+    W, H, X = problem(3 + bits)
+    kwargs = dict(group_size=group_size, actorder=actorder, static_groups=static_groups, blocksize=64)
+    cpu = optq(W, H, bits, **kwargs)
+    gpu = optq(W.to(CUDA), H.to(CUDA), bits, **kwargs)
+    assert gpu.device.type == "cuda"
+    # Rounding decisions may flip where float32 arithmetic differs in the last bit; they must be rare
+    # and leave the layer loss unchanged.
+    mismatch = ((gpu.cpu() - cpu).abs() > 1e-5).float().mean().item()
+    assert mismatch <= 1e-3, f"{mismatch:.2%} of entries differ"
+    assert loss(X, gpu, W) == pytest.approx(loss(X, cpu, W), rel=1e-3)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_cd_refine_cuda_matches_cpu(group_size):
+    W, H, _ = problem(9)
+    Q, p = rtn(W, 2, group_size, beta=0.8, return_params=True)
+    cpu = cd_refine(Q, W, H, p, passes=3)
+    p_gpu = type(p)(p.scale.to(CUDA), p.zero.to(CUDA), p.maxq, p.g_idx.to(CUDA))
+    gpu = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, passes=3)
+    assert gpu.device.type == "cuda"
+    mismatch = ((gpu.cpu() - cpu).abs() > 1e-5).float().mean().item()
+    assert mismatch <= 1e-3, f"{mismatch:.2%} of entries differ"
+    assert cd_objective(gpu.cpu(), W, H) == pytest.approx(cd_objective(cpu, W, H), rel=1e-4)
+    assert cd_objective(gpu.cpu(), W, H) <= cd_objective(Q, W, H)
