@@ -1,0 +1,104 @@
+"""Perplexity over non-overlapping windows (the GPTQ / MagR protocol).
+
+    ppl = exp( sum over windows and predicted positions of -log p(x_t | x_<t)  /  number of predictions )
+
+Each window of ``seqlen`` tokens predicts its last seqlen - 1 tokens from the ones before; windows do
+not overlap and a trailing partial window is dropped. With ``bos_id`` each window is BOS followed by the
+next seqlen - 1 tokens of the stream (the llama2.c convention), so the first real token is predicted too;
+a BOS already at the start of the stream is dropped first.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def make_windows(tokens: torch.Tensor, seqlen: int, bos_id: int | None = None,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """(nwindows, seqlen) non-overlapping windows of a 1-D token stream; BOS-prefixed when ``bos_id`` is set."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D (or 1 x n), got shape {tuple(tokens.shape)}")
+    if bos_id is not None and tokens.numel() and tokens[0].item() == bos_id:
+        tokens = tokens[1:]  # the stream's own BOS: each window gets one anyway
+    step = seqlen if bos_id is None else seqlen - 1
+    nwin = tokens.numel() // step
+    if max_windows is not None:
+        if max_windows <= 0:
+            raise ValueError(f"max_windows must be positive, got {max_windows}")
+        nwin = min(nwin, max_windows)
+    if nwin == 0:
+        raise ValueError(f"only {tokens.numel()} tokens: not enough for one window of seqlen={seqlen}")
+    windows = tokens[: nwin * step].view(nwin, step)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((nwin, 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each window (float64 tensor of length batch), windows on the model's device."""
+    logits = model(input_ids=windows, use_cache=False).logits
+    logits = logits[:, :-1, :]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = windows[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(windows.shape[0], -1).double().sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int = 1, device=None,
+               max_windows: int | None = None, bos_id: int | None = None, progress: bool = True) -> float:
+    """Perplexity of ``model`` on a 1-D token stream: exp(mean next-token NLL over all windows).
+
+    Runs on ``device`` (default: where the model's parameters are); a model elsewhere is moved there for
+    the evaluation and moved back afterwards. ``bos_id``: prefix each window with BOS (seqlen - 1 text
+    tokens per window). ``max_windows`` caps the number of windows.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    windows = make_windows(tokens, seqlen, bos_id, max_windows)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        log.warning("seqlen %d exceeds the model's max_position_embeddings %d", seqlen, max_pos)
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    if device != home:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    start = time.perf_counter()
+    try:
+        batches = range(0, windows.shape[0], batch_size)
+        for i in tqdm(batches, desc=f"perplexity ({windows.shape[0]} x {seqlen})", disable=not progress):
+            batch = windows[i:i + batch_size].to(device)
+            total += window_nll(model, batch).sum().item()
+            count += batch.shape[0] * (seqlen - 1)
+    finally:
+        if device != home:
+            model.to(home)
+        model.train(was_training)
+    ppl = math.exp(total / count)
+    log.info("perplexity %.4f over %d windows of %d tokens (%.1f s)", ppl, windows.shape[0], seqlen,
+             time.perf_counter() - start)
+    return ppl

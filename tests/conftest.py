@@ -1,0 +1,65 @@
+"""Shared test setup: offline Hugging Face, one torch thread, and fixtures for the shared data and stories260K.
+
+Set MAGR_TEST_THREADS to change the torch thread count (default 1: the tiny test models run far faster
+single-threaded, and several pytest workers or jobs on 2 cores do not oversubscribe the CPU).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("MAGR_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``cuda`` when no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """The shared data folder (skips the test when it is missing)."""
+    from magr.models import shared_root
+
+    try:
+        return shared_root()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def data_root(shared):
+    """``shared/data``: the offline datasets."""
+    return shared / "data"
+
+
+@pytest.fixture(scope="session")
+def _stories260k_cached(shared):
+    from magr.models import load_model
+
+    return load_model("stories260k")
+
+
+@pytest.fixture
+def stories260k(_stories260k_cached):
+    """(model, tokenizer) of stories260K; the model is a fresh copy each test, so tests may modify it."""
+    model, tokenizer = _stories260k_cached
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(_stories260k_cached):
+    """The sentencepiece tokenizer of stories260K (shared, do not modify)."""
+    return _stories260k_cached[1]

@@ -1,0 +1,147 @@
+"""Block-by-block driver on the real stories260K model: methods, grids, resume, save/reload, bad inputs."""
+import json
+
+import pytest
+import torch
+
+from magr.driver import LINEAR_NAMES, QuantConfig, load_quant_params, quantize_model, save_quantized
+from magr.evaluation import perplexity
+from magr.models import load_model
+from magr.quantizers import quantize
+
+CALIB = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+EVAL = torch.randint(3, 512, (2 * 64,), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(method, bits=3, **kw):
+    model, tok = load_model("stories260k")
+    cfg = QuantConfig(method=method, bits=bits, iters=20, device="cpu", **kw)
+    return model, tok, quantize_model(model, CALIB, cfg, progress=False)
+
+
+def _assert_on_grid(model, params):
+    for name, p in params.items():
+        W = model.get_submodule(name).weight.data.float()
+        scale, zero = p.columns()
+        torch.testing.assert_close(quantize(W, scale, zero, p.maxq), W, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "magr+rtn", "optq", "magr+optq", "magr+optq-cd"])
+def test_every_method_quantizes_every_linear_layer_onto_its_grid(method):
+    model, _, res = _quantized(method, cd_passes=2 if method == "magr+optq-cd" else None)
+    n_layers = len(model.model.layers) * len(LINEAR_NAMES)
+    assert len(res.records) == len(res.params) == n_layers
+    assert all(torch.isfinite(torch.tensor(r["recon_error"])) for r in res.records)
+    _assert_on_grid(model, res.params)
+    if method.startswith("magr"):
+        # MagR shrinks the per-row range on average
+        before = sum(r["row_max_before"]["mean"] for r in res.records)
+        after = sum(r["row_max_after"]["mean"] for r in res.records)
+        assert after < before
+    assert torch.isfinite(torch.tensor(perplexity(model, EVAL, seqlen=64, progress=False)))
+
+
+def test_optq_reconstructs_better_than_rtn_and_groups_work():
+    _, _, r_rtn = _quantized("rtn")
+    _, _, r_optq = _quantized("optq")
+    mean = lambda res: sum(r["recon_error_rel"] for r in res.records) / len(res.records)  # noqa: E731
+    assert mean(r_optq) < mean(r_rtn)
+    model, _, r_g = _quantized("optq", group_size=4)  # 4 divides 64 and 172
+    assert r_g.params["model.layers.0.mlp.down_proj"].scale.shape == (64, 172 // 4)
+    _assert_on_grid(model, r_g.params)
+
+
+def test_interrupted_run_resumes_from_block_checkpoints(tmp_path):
+    model_a, _, res_a = _quantized("magr+optq")
+    cfg = QuantConfig(method="magr+optq", bits=3, iters=20, device="cpu")
+    model_b, _ = load_model("stories260k")
+    quantize_model(model_b, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    # simulate an interruption after block 2: the later blocks' checkpoints are missing
+    for f in tmp_path.glob("block_00[34].*"):
+        f.unlink()
+    model_c, _ = load_model("stories260k")
+    res_c = quantize_model(model_c, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    assert len(res_c.records) == len(res_a.records)
+    for name in res_a.params:
+        torch.testing.assert_close(model_c.get_submodule(name).weight, model_a.get_submodule(name).weight)
+    # a different setting does not reuse the checkpoints
+    model_d, _ = load_model("stories260k")
+    res_d = quantize_model(model_d, CALIB, QuantConfig(method="rtn", bits=3, device="cpu"),
+                           progress=False, checkpoint_dir=tmp_path)
+    assert "magr_objective_end" not in res_d.records[0]
+
+
+def test_save_and_reload_give_identical_perplexity(tmp_path):
+    model, tok, res = _quantized("magr+optq", bits=4)
+    before = perplexity(model, EVAL, seqlen=64, progress=False)
+    save_quantized(model, tok, res, tmp_path, source="stories260k")
+    reloaded, tok2 = load_model(str(tmp_path))
+    after = perplexity(reloaded, EVAL, seqlen=64, progress=False)
+    assert after == pytest.approx(before, rel=1e-6)
+    assert tok2.encode("Once upon a time,") == tok.encode("Once upon a time,")
+    meta, params = load_quant_params(tmp_path)
+    assert meta["config"]["method"] == "magr+optq" and meta["config"]["bits"] == 4
+    assert set(params) == set(res.params)
+    _assert_on_grid(reloaded, params)
+    records = json.loads((tmp_path / "magr_layers.json").read_text())
+    assert {"row_max_before", "row_max_after", "recon_error", "seconds"} <= set(records[0])
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def test_group_size_that_does_not_divide_a_layer_is_refused_before_work():
+    model, _ = load_model("stories260k")
+    with pytest.raises(ValueError, match=r"group_size 64 does not divide the input size 172 of mlp.down_proj"):
+        quantize_model(model, CALIB, QuantConfig(method="rtn", group_size=64), progress=False)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"bits": 5}, r"bits=5 is not supported; allowed: \(2, 3, 4, 8\)"),
+    ({"method": "awq"}, r"method 'awq' is not supported; allowed: rtn, magr\+rtn"),
+    ({"beta": 1.5}, r"beta=1.5 must lie in \(0, 1\]"),
+    ({"feature_source": "first"}, r"feature_source 'first' not allowed"),
+    ({"group_size": 0}, r"group_size=0 must be a positive integer"),
+])
+def test_bad_settings_name_the_value_and_what_is_allowed(kw, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kw).resolved()
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
+        quantize_model(gpt2, CALIB, QuantConfig(method="rtn"), progress=False)
+
+
+def test_cli_reports_bad_inputs_before_loading_anything(tmp_path, capsys):
+    from magr.cli import main
+
+    base = ["quantize", "--model", "stories260k", "--out", str(tmp_path / "o"), "--nsamples", "2",
+            "--seqlen", "32"]
+    assert main(base + ["--calib", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert main(base + ["--calib", "tinystories", "--group-size", "64"]) == 2
+    assert "does not divide the input size 172" in capsys.readouterr().err
+    assert main(base + ["--calib", "tinystories", "--eval", "nosuchset"]) == 2
+    assert "nosuchset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--bits", "5"])
+    assert "invalid choice: 5" in capsys.readouterr().err
+
+
+def test_cli_quantize_and_ppl_end_to_end(tmp_path, capsys):
+    from magr.cli import main
+
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", "stories260k", "--method", "magr+optq", "--bits", "4", "--iters", "10",
+               "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--out", str(out),
+               "--eval", "tinystories", "--eval-seqlen", "128", "--max-windows", "2"])
+    assert rc == 0
+    summary = json.loads((out / "magr_summary.json").read_text())
+    capsys.readouterr()
+    rc = main(["ppl", "--model", str(out), "--data", "tinystories", "--eval-seqlen", "128",
+               "--max-windows", "2", "--json", str(tmp_path / "p.json")])
+    assert rc == 0
+    again = json.loads((tmp_path / "p.json").read_text())
+    assert again["ppl"]["tinystories"]["ppl"] == pytest.approx(summary["ppl"]["tinystories"]["ppl"], rel=1e-6)
