@@ -10,13 +10,23 @@ from .quantizers import (
     quantize,
     rtn,
 )
-from .solver import MagrInfo, lambda_max, magr_objective, magr_preprocess
+from .solver import (
+    FAST_ITERS,
+    MagrInfo,
+    fast_iters_matching,
+    lambda_max,
+    magr_objective,
+    magr_preprocess,
+    magr_preprocess_fast,
+    magr_preprocess_group,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "project_l1_ball", "prox_linf", "l1_threshold", "linf_norms",
-    "magr_preprocess", "magr_objective", "lambda_max", "MagrInfo",
+    "magr_preprocess", "magr_preprocess_fast", "magr_preprocess_group", "fast_iters_matching", "FAST_ITERS",
+    "magr_objective", "lambda_max", "MagrInfo",
     "Quantizer", "QuantParams", "quantize", "rtn", "default_beta", "cd_refine", "cd_objective",
     "optq",
 ]

@@ -15,7 +15,9 @@ Per linear layer, with S = sum of x x^T over all calibration tokens (OPTQ's Hess
 - ``magr+optq-cd``: the same with ``cd_passes`` passes (default 30): MagR+OPTQ-dagger of the paper.
 
 X_magr is the feature matrix of the last calibration sample (``feature_source="last_sample"``, as the
-released code) or all calibration tokens (``"all"``, H = S).
+released code) or all calibration tokens (``"all"``, H = S). MagR runs once per group of layers sharing an
+input; ``magr_solver="fast"`` (default) uses FISTA with fewer iterations, reaching a lower objective than the
+published 200 iterations (benchmarks/NOTES.md); ``"reference"`` is the published procedure.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .optq import optq
 from .quantizers import SUPPORTED_BITS, QuantParams, Quantizer, cd_refine, default_beta, rtn
-from .solver import magr_preprocess
+from .solver import fast_iters_matching, magr_preprocess_group
 
 log = logging.getLogger(__name__)
 
@@ -244,27 +246,41 @@ def _row_max_summary(row_max: torch.Tensor) -> dict:
     return {"mean": r.mean().item(), "median": r.median().item(), "max": r.max().item(), "min": r.min().item()}
 
 
-def quantize_layer(W: torch.Tensor, st: _Stats, cfg: QuantConfig) -> tuple[torch.Tensor, QuantParams, dict]:
-    """Quantize one weight (out x in, float32 on the compute device) by ``cfg.method``; return
-    (dequantized weight, grid parameters, record)."""
-    rec: dict = {"shape": list(W.shape), "tokens": st.tokens}
-    t0 = time.perf_counter()
-    W_orig = W
-    if cfg.uses_magr:
-        H_magr = st.S if cfg.feature_source == "all" else st.H_last
-        reference = cfg.magr_solver == "reference"
-        W, info = magr_preprocess(
-            W_orig, H_magr, alpha=cfg.alpha, iters=cfg.iters, group_size=cfg.group_size,
-            projection="sort" if reference else "newton", return_info=True,
-        )
-        rec["magr_objective_start"] = info.objective[0] if info.objective else None
-        rec["magr_objective_end"] = info.objective[-1] if info.objective else None
-        rec["row_max_before"] = _row_max_summary(W_orig.abs().amax(dim=1))
-        rec["row_max_after"] = _row_max_summary(W.abs().amax(dim=1))
-    else:
-        rec["row_max_before"] = _row_max_summary(W_orig.abs().amax(dim=1))
-    rec["seconds_magr"] = time.perf_counter() - t0
+def magr_layers(weights: list[torch.Tensor], st: _Stats, cfg: QuantConfig) -> tuple[list[torch.Tensor], list[dict]]:
+    """MagR on layers sharing one input (paper Algorithm 1); returns the new weights and per-layer records.
 
+    ``fast`` (default): FISTA with ``fast_iters_matching(cfg.iters)`` iterations, TF32, fused prox, rows of
+    the group stacked (benchmarks/NOTES.md: a lower objective than the published 200 iterations).
+    ``reference``: the published procedure per layer (exact lambda_max, ISTA, sort-based projection).
+    """
+    H = st.S if cfg.feature_source == "all" else st.H_last
+    t0 = time.perf_counter()
+    if cfg.magr_solver == "reference":
+        new, infos = magr_preprocess_group(weights, H, cfg.alpha, path="reference", iters=cfg.iters,
+                                           group_size=cfg.group_size, projection="sort", return_info=True)
+    else:
+        new, infos = magr_preprocess_group(weights, H, cfg.alpha, path="fast", iters=fast_iters_matching(cfg.iters),
+                                           group_size=cfg.group_size, return_info=True)
+    seconds = time.perf_counter() - t0
+    rows = sum(w.shape[0] for w in weights)
+    recs = []
+    for w, info in zip(weights, infos):
+        recs.append({
+            "magr_objective_start": info.objective[0] if info.objective else None,
+            "magr_objective_end": info.objective[-1] if info.objective else None,
+            "row_max_after": _row_max_summary(info.row_max_after),
+            "seconds_magr": seconds * w.shape[0] / rows,  # the group's time, split by rows
+        })
+    return new, recs
+
+
+def quantize_layer(W_orig: torch.Tensor, W: torch.Tensor, st: _Stats, cfg: QuantConfig
+                   ) -> tuple[torch.Tensor, QuantParams, dict]:
+    """Quantize one weight by ``cfg.method``: ``W_orig`` the original weight, ``W`` the one to quantize
+    (MagR's output, or ``W_orig``), both (out x in) float32 on the compute device. Returns (dequantized
+    weight, grid parameters, record)."""
+    rec: dict = {"shape": list(W_orig.shape), "tokens": st.tokens,
+                 "row_max_before": _row_max_summary(W_orig.abs().amax(dim=1))}
     t1 = time.perf_counter()
     if cfg.uses_optq:
         Q, params = optq(
@@ -279,12 +295,11 @@ def quantize_layer(W: torch.Tensor, st: _Stats, cfg: QuantConfig) -> tuple[torch
     rec["seconds_quant"] = time.perf_counter() - t1
 
     # layer reconstruction error against the original weight, over all calibration tokens
-    D = (Q.float() - W_orig)
+    D = Q.float() - W_orig
     err = float((D @ st.S * D).sum())
     ref = float((W_orig @ st.S * W_orig).sum())
     rec["recon_error"] = err
     rec["recon_error_rel"] = err / ref if ref > 0 else float("nan")
-    rec["seconds"] = time.perf_counter() - t0
     return Q, params, rec
 
 
@@ -354,16 +369,26 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, prog
             block_records = []
             for groups in passes:
                 stats = collect_stats(block, groups, inps, kwargs)
-                for name in stats:
-                    layer = block.get_submodule(name)
-                    Q, params, rec = quantize_layer(layer.weight.data.float(), stats[name], cfg)
-                    layer.weight.data.copy_(Q.to(layer.weight.dtype))
-                    full = f"model.layers.{i}.{name}"
-                    result.params[full] = QuantParams(params.scale.cpu(), params.zero.cpu(), params.maxq,
-                                                      params.g_idx.cpu())
-                    rec.update(block=i, layer=name)
-                    block_records.append(rec)
-                    bar.set_postfix(layer=name, err=f"{rec['recon_error_rel']:.2e}")
+                for names in groups:
+                    st = stats[names[0]]
+                    layers_ = [block.get_submodule(name) for name in names]
+                    originals = [layer.weight.data.float() for layer in layers_]
+                    if cfg.uses_magr:
+                        targets, magr_recs = magr_layers(originals, st, cfg)
+                    else:
+                        targets, magr_recs = originals, [{"seconds_magr": 0.0} for _ in names]
+                    for name, layer, W_orig, W, mrec in zip(names, layers_, originals, targets, magr_recs):
+                        Q, params, rec = quantize_layer(W_orig, W, st, cfg)
+                        rec.update(mrec)
+                        rec["seconds"] = rec["seconds_magr"] + rec["seconds_quant"]
+                        layer.weight.data.copy_(Q.to(layer.weight.dtype))
+                        full = f"model.layers.{i}.{name}"
+                        result.params[full] = QuantParams(params.scale.cpu(), params.zero.cpu(), params.maxq,
+                                                          params.g_idx.cpu())
+                        rec.update(block=i, layer=name)
+                        block_records.append(rec)
+                        bar.set_postfix(layer=name, err=f"{rec['recon_error_rel']:.2e}")
+                    del targets, originals
                 del stats
             result.records.extend(block_records)
             result.block_seconds.append(time.perf_counter() - t_block)
