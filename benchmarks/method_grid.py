@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--magr-solver", default="fast", choices=("fast", "reference"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -70,7 +71,8 @@ def main():
     for bits in args.bits:
         for method in args.methods:
             m = copy.deepcopy(model)
-            cfg = QuantConfig(method=method, bits=bits, group_size=args.group_size, iters=args.iters, device="cpu")
+            cfg = QuantConfig(method=method, bits=bits, group_size=args.group_size, iters=args.iters,
+                              magr_solver=args.magr_solver, device="cpu")
             t1 = time.perf_counter()
             res = quantize_model(m, calib, cfg, progress=False)
             t2 = time.perf_counter()

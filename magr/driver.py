@@ -152,15 +152,24 @@ class _Stats:
         self.S = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.H_last = None
         self.tokens = 0
-        self.is_last = False
+        self.has_last = False  # whether the current batch ends with the last calibration sample
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        xtx = x.T @ x
-        self.S += xtx
-        self.tokens += x.shape[0]
-        if self.is_last:
-            self.H_last = xtx if self.H_last is None else self.H_last + xtx
+        """Add a batch of inputs (batch, seqlen, in)."""
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]).float()
+        flat = x.reshape(-1, x.shape[-1])
+        self.S += flat.T @ flat
+        self.tokens += flat.shape[0]
+        if self.has_last:
+            self.H_last = x[-1].T @ x[-1]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs it needs are captured, to skip the rest of a forward pass."""
+
+
+#: calibration samples per forward pass through a block
+FORWARD_BATCH = 8
 
 
 @torch.no_grad()
@@ -205,31 +214,43 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
     return torch.cat(inps, 0), kwargs
 
 
-def _block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict, batch: int = FORWARD_BATCH) -> torch.Tensor:
     outs = []
-    for i in range(inps.shape[0]):
-        out = block(inps[i : i + 1], **kwargs)
+    for i in range(0, inps.shape[0], batch):
+        out = block(inps[i : i + batch], **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs, 0)
 
 
 @torch.no_grad()
-def collect_stats(block: nn.Module, groups, inps: torch.Tensor, kwargs: dict) -> dict[str, _Stats]:
+def collect_stats(block: nn.Module, groups, inps: torch.Tensor, kwargs: dict,
+                  batch: int = FORWARD_BATCH) -> dict[str, _Stats]:
     """Forward all calibration samples through ``block`` and accumulate the input statistics of the
     linear layers in ``groups`` (a sequence of name tuples; the layers of a tuple share one input, so
-    they share one accumulator, hooked on the first). Returns name -> statistics."""
+    they share one accumulator, hooked on the first). Each forward stops as soon as the last group's
+    input is captured. Returns name -> statistics."""
     stats: dict[str, _Stats] = {}
     handles = []
-    for names in groups:
+    for k, names in enumerate(groups):
         first = block.get_submodule(names[0])
         st = _Stats(first.in_features, inps.device)
         stats.update({name: st for name in names})
-        handles.append(first.register_forward_hook(lambda m, a, o, st=st: st.add(a[0])))
+
+        def hook(module, args, st=st, stop=k == len(groups) - 1):
+            st.add(args[0])
+            if stop:
+                raise _StopForward
+
+        handles.append(first.register_forward_pre_hook(hook))
+    n = inps.shape[0]
     try:
-        for i in range(inps.shape[0]):
+        for i in range(0, n, batch):
             for st in stats.values():
-                st.is_last = i == inps.shape[0] - 1
-            block(inps[i : i + 1], **kwargs)
+                st.has_last = i + batch >= n
+            try:
+                block(inps[i : i + batch], **kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()

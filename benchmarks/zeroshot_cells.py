@@ -1,0 +1,54 @@
+"""Zero-shot accuracy (lm-eval, local ARC-e/c, PIQA, Winogrande) of the float model or one quantized cell.
+
+    python benchmarks/zeroshot_cells.py --method float --out reports/zeroshot_smollm2_float.json
+    python benchmarks/zeroshot_cells.py --method rtn --bits 3 --out reports/zeroshot_smollm2_w3_rtn.json
+    python benchmarks/zeroshot_cells.py --method magr+optq --bits 3 --out reports/zeroshot_smollm2_w3_magr_optq.json
+
+Quantizes in memory (no re-save) with C4 calibration, then scores the full sets (or --limit items).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+
+import torch
+
+from magr.data import get_calibration
+from magr.driver import QuantConfig, quantize_model
+from magr.models import load_model
+from magr.zeroshot import evaluate_zeroshot, results_table
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="float", help="float or a driver method (rtn, magr+optq, ...)")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model, tok = load_model(args.model)
+    meta = {k: v for k, v in vars(args).items() if k != "out"}
+    meta.update(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads")
+    if args.method != "float":
+        calib = get_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+        res = quantize_model(model, calib, QuantConfig(method=args.method, bits=args.bits, device="cpu"))
+        meta.update(config=asdict(res.config), quantize_s=res.seconds)
+    t0 = time.perf_counter()
+    results = evaluate_zeroshot(model, tok, limit=args.limit, batch_size=args.batch_size, device="cpu")
+    meta["zeroshot_s"] = time.perf_counter() - t0
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(results_table(results))
+    print(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    main()
