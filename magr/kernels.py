@@ -43,17 +43,10 @@ def linf_threshold_from_max(A: torch.Tensor, t: float, max_steps: int = NEWTON_M
 
     Newton/Michelot from tau_0 = max(max A - t, 0), a lower bound of the root; returns shape (rows, 1).
     """
-    tau = (A.amax(dim=1, keepdim=True) - t).clamp(min=0)
-    count = None
-    for _ in range(max_steps):
-        active = A > tau
-        new_count = active.sum(dim=1, keepdim=True)
-        if count is not None and torch.equal(new_count, count):
-            break
-        count = new_count
-        s = torch.where(active, A, torch.zeros_like(A)).sum(dim=1, keepdim=True)
-        tau = torch.maximum(tau, (s - t) / count.clamp(min=1).to(A.dtype))
-    return tau
+    from .projection import threshold_newton
+
+    tau0 = (A.amax(dim=1, keepdim=True) - t).clamp(min=0)
+    return threshold_newton(A, t, max_iter=max_steps, tau0=tau0)
 
 
 def _prox_step_torch(W_hat, W, P, G, t: float, momentum: float, seg: int) -> None:

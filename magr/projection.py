@@ -58,13 +58,14 @@ def threshold_sort(A: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return tau.clamp(min=0)
 
 
-def threshold_newton(A: torch.Tensor, r: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+def threshold_newton(A: torch.Tensor, r, max_iter: int = 100, tau0: torch.Tensor | None = None) -> torch.Tensor:
     """tau per row for nonnegative rows A by Newton/Michelot steps from tau = 0 (sort-free, exact).
 
     Stops when no row's active set {A > tau} changes, so the result is the same closed form as the
-    sort path, reached in a handful of masked reductions (typically under 10).
+    sort path, reached in a handful of masked reductions (typically under 10). ``tau0`` (rows, 1), a
+    lower bound of the root, may replace the start tau = 0. ``r`` is a float or a (rows, 1) tensor.
     """
-    tau = torch.zeros_like(r)
+    tau = torch.zeros(A.shape[0], 1, dtype=A.dtype, device=A.device) if tau0 is None else tau0
     count = None
     for _ in range(max_iter):
         active = A > tau

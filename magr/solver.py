@@ -59,6 +59,15 @@ def lambda_max(H: torch.Tensor, method: str = "eigh", iters: int = 30) -> torch.
     raise ValueError(f"unknown lambda_max method {method!r}; allowed: 'eigh', 'power', 'lanczos'")
 
 
+def _check_problem(W: torch.Tensor, H: torch.Tensor, alpha: float, iters: int) -> None:
+    if W.dim() != 2 or H.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"W must be (out x in) and H (in x in); got W {tuple(W.shape)}, H {tuple(H.shape)}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+
+
 def magr_objective(W, W_hat, H, alpha, group_size=None) -> float:
     """F(W) = 1/2 tr((W - W_hat) H (W - W_hat)^T) + alpha * sum ||w||_inf (paper eq. (3))."""
     D = W - W_hat
@@ -94,12 +103,7 @@ def magr_preprocess(
         dtype: the computation dtype (float32 as published; float64 for checks).
         return_info: also return diagnostics (objective per iteration, row maxima before and after).
     """
-    if W.dim() != 2 or H.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"W must be (out x in) and H (in x in); got W {tuple(W.shape)}, H {tuple(H.shape)}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    _check_problem(W, H, alpha, iters)
     start = time.perf_counter()
     W_hat = W.to(dtype)
     Hc = H.to(device=W.device, dtype=dtype)
@@ -268,12 +272,7 @@ def magr_preprocess_fast(
     """
     from .kernels import prox_step_, resolve_backend
 
-    if W.dim() != 2 or H.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"W must be (out x in) and H (in x in); got W {tuple(W.shape)}, H {tuple(H.shape)}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    _check_problem(W, H, alpha, iters)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if lambda_method not in ("lanczos", "eigh"):
