@@ -46,12 +46,13 @@ def main():
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--magr-solver", default="fast", choices=("fast", "reference"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model, quantization and evaluation)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     calib = get_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     evals = {}
     for name in args.eval:
@@ -63,6 +64,31 @@ def main():
         return {n: perplexity(m, t, seqlen=args.eval_seqlen, max_windows=args.max_windows, bos_id=bos,
                               progress=False) for n, t in evals.items()}
 
+    def write():
+        meta = {k: v for k, v in vars(args).items() if k != "out"}
+        meta.update(machine=(torch.cuda.get_device_name() if args.device == "cuda"
+                             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"), torch=torch.__version__)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        names = list(evals)
+        lines = [f"# {args.model}: perplexity by method and bits", "",
+                 f"Calibration: {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
+                 f"evaluation: {', '.join(names)} in {args.eval_seqlen}-token windows"
+                 f"{' (BOS per window)' if args.bos_per_window else ''}"
+                 f"{f', first {args.max_windows} windows' if args.max_windows else ''}"
+                 f"{f', split {args.eval_split}' if args.eval_split else ''}; per channel"
+                 f"{f', group {args.group_size}' if args.group_size else ''};"
+                 f" MagR solver {args.magr_solver} ({args.iters} published iterations); "
+                 f"{meta['machine']}.", "",
+                 "| method | bits | " + " | ".join(f"{n} ppl" for n in names) + " | quantize s | eval s |",
+                 "|---|---|" + "---|" * len(names) + "---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(f"{r['ppl'][n]:.3f}" for n in names)
+                         + f" | {r['quant_s']:.1f} | {r['eval_s']:.1f} |")
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        return lines
+
     rows = []
     t0 = time.perf_counter()
     rows.append({"method": "float", "bits": 16, "ppl": ppls(model), "quant_s": 0.0,
@@ -72,7 +98,7 @@ def main():
         for method in args.methods:
             m = copy.deepcopy(model)
             cfg = QuantConfig(method=method, bits=bits, group_size=args.group_size, iters=args.iters,
-                              magr_solver=args.magr_solver, device="cpu")
+                              magr_solver=args.magr_solver, device=args.device)
             t1 = time.perf_counter()
             res = quantize_model(m, calib, cfg, progress=False)
             t2 = time.perf_counter()
@@ -80,27 +106,9 @@ def main():
                    "eval_s": time.perf_counter() - t2, "config": asdict(res.config)}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+            write()  # keep what is done if the run is interrupted
             del m
-    meta = {k: v for k, v in vars(args).items() if k != "out"}
-    meta.update(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads", torch=torch.__version__)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    names = list(evals)
-    lines = [f"# {args.model}: perplexity by method and bits", "",
-             f"Calibration: {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
-             f"evaluation: {', '.join(names)} in {args.eval_seqlen}-token windows"
-             f"{' (BOS per window)' if args.bos_per_window else ''}"
-             f"{f', first {args.max_windows} windows' if args.max_windows else ''}"
-             f"{f', split {args.eval_split}' if args.eval_split else ''}; per channel"
-             f"{f', group {args.group_size}' if args.group_size else ''}; MagR {args.iters} iterations; "
-             f"{meta['machine']}.", "",
-             "| method | bits | " + " | ".join(f"{n} ppl" for n in names) + " | quantize s | eval s |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(f"{r['ppl'][n]:.3f}" for n in names)
-                     + f" | {r['quant_s']:.1f} | {r['eval_s']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines = write()
     print("\n".join(lines))
 
 
