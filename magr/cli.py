@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (save_pretrained + magr_* files)")
     q.add_argument("--checkpoint-dir", default=None,
                    help="save each finished block here and resume an interrupted run (default: OUT/.blocks)")
+    q.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the quantized model folder (default); --no-save writes only the summary and "
+                        "per-layer records (magr_summary.json, magr_layers.json) and no block checkpoints "
+                        "unless --checkpoint-dir is given")
     _eval_args(q, "--eval")
 
     e = sub.add_parser("ppl", help="perplexity of a model (hub id, folder or alias)")
@@ -136,7 +140,7 @@ def _check_data(sets, data_root) -> None:
 
 def cmd_quantize(args) -> dict:
     from .data import get_calibration
-    from .driver import check_config_for_model, quantize_model, save_quantized
+    from .driver import RECORDS_FILE, check_config_for_model, quantize_model, save_quantized
     from .models import load_model
 
     cfg = QuantConfig(
@@ -153,11 +157,16 @@ def cmd_quantize(args) -> dict:
     check_config_for_model(model, cfg)
     calib = get_calibration(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
                             seed=args.seed, data_root=args.data_root)
-    ckpt = args.checkpoint_dir or str(Path(args.out) / ".blocks")
+    ckpt = args.checkpoint_dir or (str(Path(args.out) / ".blocks") if args.save else None)
     result = quantize_model(model, calib, cfg, checkpoint_dir=ckpt)
-    save_quantized(model, tokenizer, result, args.out, source=args.model)
+    if args.save:
+        save_quantized(model, tokenizer, result, args.out, source=args.model)
+    else:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / RECORDS_FILE).write_text(json.dumps(result.records, indent=1))
     summary = {"model": args.model, "config": asdict(cfg), "calib": args.calib, "nsamples": args.nsamples,
-               "seqlen": args.seqlen, "seed": args.seed, "seconds": result.seconds}
+               "seqlen": args.seqlen, "seed": args.seed, "seconds": result.seconds,
+               "block_seconds": result.block_seconds, "saved": args.save}
     if args.eval:
         summary["ppl"] = _perplexities(model, tokenizer, args, args.eval)
     (Path(args.out) / "magr_summary.json").write_text(json.dumps(summary, indent=2))

