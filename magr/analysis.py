@@ -277,7 +277,9 @@ def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None)
         if "ppl" not in cell:
             raise ValueError(f"cell {cell.get('name')!r} has no perplexities; run it with --eval sets")
         rows.append({**_cell_keys(cell), **{k: v["ppl"] for k, v in cell["ppl"].items()}})
-    return _sorted(pd.DataFrame(rows))
+    out = _sorted(pd.DataFrame(rows))
+    out["bits"] = out["bits"].astype("Int64")
+    return out
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
