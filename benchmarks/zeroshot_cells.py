@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -19,7 +20,7 @@ import torch
 from magr.data import get_calibration
 from magr.driver import QuantConfig, quantize_model
 from magr.models import load_model
-from magr.zeroshot import evaluate_zeroshot, results_table
+from magr.zeroshot import TASKS, evaluate_zeroshot, results_table
 
 
 def main():
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -42,8 +44,9 @@ def main():
         res = quantize_model(model, calib, QuantConfig(method=args.method, bits=args.bits, device="cpu"))
         meta.update(config=asdict(res.config), quantize_s=res.seconds)
     t0 = time.perf_counter()
-    results = evaluate_zeroshot(model, tok, limit=args.limit, batch_size=args.batch_size, device="cpu")
+    results = evaluate_zeroshot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, device="cpu")
     meta["zeroshot_s"] = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(results_table(results))
