@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .driver import LINEAR_NAMES, SEQUENTIAL_GROUPS, capture_block_inputs, collect_stats, decoder_layers
+from .driver import LINEAR_NAMES, SEQUENTIAL_GROUPS, capture_block_inputs, collect_stats, checked_layers
 from .solver import magr_preprocess
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def iter_block_stats(model, calib: torch.Tensor, device="cpu", last_block: int |
     """
     if calib.dim() != 2 or calib.numel() == 0:
         raise ValueError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {tuple(calib.shape)}")
-    layers = decoder_layers(model)
+    layers = checked_layers(model)
     n = len(layers) if last_block is None else last_block + 1
     if not 0 < n <= len(layers):
         raise ValueError(f"last_block={last_block} out of range; the model has blocks 0..{len(layers) - 1}")
@@ -414,7 +414,7 @@ def parse_layers(text: str, n_blocks: int) -> list[tuple[int, str]]:
 
 def largest_group_size(model, candidates: Sequence[int] = (128, 64, 32, 16, 8, 4, 2)) -> int:
     """The largest candidate group size that divides the input size of every linear layer of a block."""
-    block = decoder_layers(model)[0]
+    block = checked_layers(model)[0]
     widths = {block.get_submodule(n).in_features for n in LINEAR_NAMES}
     for g in candidates:
         if all(w % g == 0 for w in widths):

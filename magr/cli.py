@@ -4,7 +4,7 @@ Examples::
 
     magr quantize --model stories260k --method magr+optq --bits 3 --calib tinystories \
         --nsamples 32 --seqlen 256 --out runs/s260k-w3 --eval tinystories
-    magr ppl --model runs/s260k-w3 --data wikitext2 c4 --seqlen 2048
+    magr ppl --model runs/s260k-w3 --data wikitext2 c4 --eval-seqlen 2048
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from .driver import FEATURE_SOURCES, MAGR_SOLVERS, METHODS, QuantConfig
 from .quantizers import SUPPORTED_BITS
@@ -34,12 +36,24 @@ def _group_size(text: str):
     return value
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path`, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local folder, or alias: smollm2-135m (embedded GGUF), stories260k (../shared)")
     p.add_argument("--data-root", default=None,
                    help="folder with the offline data (default: $MAGR_SHARED/data or ../shared/data)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="parameter dtype of the loaded model (default float32; float16/bfloat16 halve the "
+                        "memory of large checkpoints on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -153,7 +167,7 @@ def cmd_quantize(args) -> dict:
     if args.nsamples <= 0 or args.seqlen <= 0:
         raise ValueError(f"--nsamples ({args.nsamples}) and --seqlen ({args.seqlen}) must be positive")
     _check_data([args.calib, *args.eval], args.data_root)  # fail before any long work
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     check_config_for_model(model, cfg)
     calib = get_calibration(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
                             seed=args.seed, data_root=args.data_root)
@@ -164,7 +178,7 @@ def cmd_quantize(args) -> dict:
     else:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / RECORDS_FILE).write_text(json.dumps(result.records, indent=1))
-    summary = {"model": args.model, "config": asdict(cfg), "calib": args.calib, "nsamples": args.nsamples,
+    summary = {"model": args.model, "dtype": args.dtype, "config": asdict(cfg), "calib": args.calib, "nsamples": args.nsamples,
                "seqlen": args.seqlen, "seed": args.seed, "seconds": result.seconds,
                "block_seconds": result.block_seconds, "saved": args.save}
     if args.eval:
@@ -177,10 +191,10 @@ def cmd_ppl(args) -> dict:
     from .models import load_model
 
     _check_data(args.data, args.data_root)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     out = {"model": args.model, "ppl": _perplexities(model, tokenizer, args, args.data)}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        _write_json(args.json, out)
     return out
 
 
@@ -188,11 +202,11 @@ def cmd_zeroshot(args) -> dict:
     from .models import load_model
     from .zeroshot import evaluate_zeroshot
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     out = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
                             device=args.device, source=args.source, data_root=args.data_root)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        _write_json(args.json, out)
     return out
 
 

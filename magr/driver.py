@@ -118,19 +118,19 @@ class QuantConfig:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-family model, after checking its layout."""
-    from .models import check_architecture
+def checked_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a Llama-family model (models.decoder_layers), after check_architecture."""
+    from .models import check_architecture, decoder_layers
 
     check_architecture(model)
-    return model.model.layers
+    return decoder_layers(model)
 
 
 def check_config_for_model(model: nn.Module, cfg: QuantConfig) -> None:
     """Fail before any long work if the group size does not divide every layer's input size."""
     if cfg.group_size is None:
         return
-    layer = decoder_layers(model)[0]
+    layer = checked_layers(model)[0]
     for name in LINEAR_NAMES:
         n = layer.get_submodule(name).in_features
         if n % cfg.group_size:
@@ -179,7 +179,7 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
     Returns (inputs (nsamples, seqlen, hidden) on ``device``, kwargs of the decoder-layer call such as
     the rotary position embeddings and the causal mask, shared by all samples of equal length).
     """
-    layers = decoder_layers(model)
+    layers = checked_layers(model)
     captured: dict = {}
     inps = []
 
@@ -358,7 +358,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, prog
     if calib.dim() != 2 or calib.numel() == 0:
         raise ValueError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {tuple(calib.shape)}")
     device = torch.device(cfg.device)
-    layers = decoder_layers(model)
+    layers = checked_layers(model)
     use_cache = getattr(model.config, "use_cache", False)
     model.config.use_cache = False
     result = QuantResult(cfg)

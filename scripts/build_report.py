@@ -31,6 +31,12 @@ SECTIONS = [
     ("Table 4: wall time", "table4_runtime.md", ["table4_runtime.png"],
      "From the per-layer records and block times of the quantize cells (notebook: table4_runtime)."),
 ]
+# Committed results measured outside the pipeline (too slow for the default profile); shown when present.
+EXTRA_SECTIONS = [
+    ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
+     "Every item of the four sets, float / W3 RTN / W3 MagR+OPTQ quantized with 32 x 512 C4 calibration tokens "
+     "(benchmarks/zeroshot_cells.py and benchmarks/zeroshot_table.py; the JSON files are in reports/zeroshot_full/)."),
+]
 
 
 def _strip_title(md: str) -> str:
@@ -108,7 +114,8 @@ def main(argv=None) -> int:
     wall = reports / "pipeline_wall_time.md"
     if wall.is_file():
         parts += ["Last measured pipeline wall time: see [pipeline_wall_time.md](pipeline_wall_time.md).", ""]
-    for title, md, figures, note in SECTIONS:
+    extra = [sec for sec in EXTRA_SECTIONS if (reports / sec[1]).is_file()]
+    for title, md, figures, note in SECTIONS + extra:
         parts += [f"## {title}", ""]
         path = reports / md
         parts.append(_strip_title(path.read_text()) if path.is_file() else f"_{md} missing: run its stage._")

@@ -141,10 +141,19 @@ def test_cli_quantize_and_ppl_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "magr_summary.json").read_text())
     capsys.readouterr()
     rc = main(["ppl", "--model", str(out), "--data", "tinystories", "--eval-seqlen", "128",
-               "--max-windows", "2", "--json", str(tmp_path / "p.json")])
+               "--max-windows", "2", "--json", str(tmp_path / "new" / "p.json")])
     assert rc == 0
-    again = json.loads((tmp_path / "p.json").read_text())
+    again = json.loads((tmp_path / "new" / "p.json").read_text())  # the folder is created
     assert again["ppl"]["tinystories"]["ppl"] == pytest.approx(summary["ppl"]["tinystories"]["ppl"], rel=1e-6)
+    rc = main(["ppl", "--model", str(out), "--dtype", "bfloat16", "--data", "tinystories", "--eval-seqlen", "128",
+               "--max-windows", "2", "--json", str(tmp_path / "bf16.json")])
+    assert rc == 0
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())["ppl"]["tinystories"]["ppl"]
+    assert bf16 != summary["ppl"]["tinystories"]["ppl"]  # really loaded in bfloat16 ...
+    assert bf16 == pytest.approx(summary["ppl"]["tinystories"]["ppl"], rel=0.05)  # ... and still the same model
+    with pytest.raises(SystemExit):
+        main(["ppl", "--model", str(out), "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
 
 
 def test_fast_magr_path_reaches_the_reference_objective_in_the_driver():
