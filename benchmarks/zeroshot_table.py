@@ -79,15 +79,28 @@ def tables(cells: dict[str, dict]) -> tuple[pd.DataFrame, str]:
     return pd.DataFrame(rows), md
 
 
+def quant_settings(cfg: dict) -> str:
+    """The QuantConfig fields that matter for cfg['method'], in words."""
+    parts = [f"{cfg['method']}, {cfg['bits']} bits, "
+             + ("per channel" if cfg.get("group_size") is None else f"groups of {cfg['group_size']}"),
+             f"beta {cfg['beta']}"]
+    if cfg["method"].startswith("magr"):
+        parts.append(f"MagR alpha {cfg['alpha']}, {cfg['iters']} iterations ({cfg['magr_solver']} solver), "
+                     f"X = {cfg['feature_source']}")
+    if "optq" in cfg["method"]:
+        parts.append(f"OPTQ damp {cfg['percdamp']}, block {cfg['blocksize']}, CD passes {cfg['cd_passes']}")
+    parts.append("true-sequential" if cfg.get("true_sequential") else "one statistics pass per block")
+    return ", ".join(parts)
+
+
 def settings(cells: dict[str, dict]) -> str:
     lines = []
     for label, cell in cells.items():
         for m in cell["meta"]:
             tasks = [t for t in TASKS if t in cell["results"]] if len(cell["meta"]) == 1 else m.get("tasks", TASKS)
             quant = "" if m["method"] == "float" else (
-                f"; quantized in memory with {m['nsamples']} x {m['seqlen']} {m['calib']} calibration tokens, "
-                f"default QuantConfig for {m['method']} at {m['bits']} bits per channel "
-                f"({m.get('quantize_s', math.nan):.0f} s)")
+                f"; quantized in memory with {m['nsamples']} x {m['seqlen']} {m['calib']} calibration tokens "
+                f"({quant_settings(m['config'])}; {m.get('quantize_s', math.nan):.0f} s)")
             lines.append(f"- {label} ({m['file']}: {', '.join(tasks)}): model {m['model']}{quant}; "
                          f"batch size {m['batch_size']}, {m['machine']}, limit {m['limit']}")
     return "\n".join(lines)
@@ -97,6 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="zeroshot_cells.py JSON files")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.md and STEM.csv")
+    ap.add_argument("--note", default="", help="a paragraph added under the table (e.g. what else ran)")
     args = ap.parse_args(argv)
     order = {"float": 0, "W3 RTN": 1}
     cells = merge(sorted(args.inputs))
@@ -112,6 +126,7 @@ def main(argv=None) -> int:
         "zero-shot, on every item of the local copies of the hub sets (ARC-Easy test 2376, ARC-Challenge test "
         "1172, PIQA validation 1838, Winogrande 1.1 validation 1267); ± one standard error. Winogrande has no "
         "acc_norm (partial scoring). eval (min): lm-eval time of the tasks in the row on this CPU (see the settings for what else ran).",
+        *(["", args.note] if args.note else []),
         "", "Settings and files:", "", settings(cells), "",
         "Reproduce: `python benchmarks/zeroshot_cells.py --method {float|rtn|magr+optq} --bits 3 --out ...`, then "
         "`python benchmarks/zeroshot_table.py reports/zeroshot_full/*.json --out reports/table3_zeroshot_full`.",
