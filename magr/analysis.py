@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .driver import LINEAR_NAMES, SEQUENTIAL_GROUPS, capture_block_inputs, collect_stats, checked_layers
+from .driver import (LINEAR_NAMES, RECORDS_FILE, SEQUENTIAL_GROUPS, SUMMARY_FILE, block_forward, capture_block_inputs, checked_layers,
+                     collect_stats)
 from .solver import magr_preprocess
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,7 @@ def iter_block_stats(model, calib: torch.Tensor, device="cpu", last_block: int |
         stats = collect_stats(block, SEQUENTIAL_GROUPS, inps, kwargs)
         yield i, block, stats
         if i + 1 < n:
-            outs = [block(inps[j:j + 1], **kwargs) for j in range(inps.shape[0])]
-            inps = torch.cat([o[0] if isinstance(o, tuple) else o for o in outs], 0)
+            inps = block_forward(block, inps, kwargs, batch=1)
         block.to(home)
 
 
@@ -219,8 +219,6 @@ PAPER_MODELS = ("LLaMA-2-7B", "LLaMA-2-13B", "LLaMA-2-70B")
 #: Paper Table 4: wall time on one A100 for LLaMA-2-7B, minutes.
 PAPER_RUNTIME_7B_MIN = {"RTN": 5, "MagR+RTN": 20, "OPTQ": 22, "MagR+OPTQ": 35, "MagR+OPTQ†": 150}
 
-SUMMARY_FILE = "magr_summary.json"
-RECORDS_FILE = "magr_layers.json"
 
 
 def setting_label(bits: int | None, group_size: int | None) -> str:
@@ -256,6 +254,11 @@ def method_label(cfg: Mapping) -> str:
     if cfg["method"].startswith("magr+optq") and (cfg.get("cd_passes") or 0) > 1:
         return METHOD_LABELS["magr+optq-cd"]
     return METHOD_LABELS[cfg["method"]]
+
+
+def cell_label(cfg: Mapping) -> str:
+    """'W3g64 MagR+OPTQ': a run's setting and paper method name, as in every table and legend."""
+    return f"{setting_label(cfg['bits'], cfg['group_size'])} {method_label(cfg)}"
 
 
 def _cell_keys(cell: Mapping) -> dict:

@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from .driver import FEATURE_SOURCES, MAGR_SOLVERS, METHODS, QuantConfig
+from .models import DTYPES
 from .quantizers import SUPPORTED_BITS
 
 log = logging.getLogger("magr")
@@ -34,9 +34,6 @@ def _group_size(text: str):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"group size {value} must be positive (or 'channel')")
     return value
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _write_json(path: str, obj) -> None:
@@ -154,7 +151,7 @@ def _check_data(sets, data_root) -> None:
 
 def cmd_quantize(args) -> dict:
     from .data import get_calibration
-    from .driver import RECORDS_FILE, check_config_for_model, quantize_model, save_quantized
+    from .driver import RECORDS_FILE, SUMMARY_FILE, check_config_for_model, quantize_model, save_quantized
     from .models import load_model
 
     cfg = QuantConfig(
@@ -177,13 +174,13 @@ def cmd_quantize(args) -> dict:
         save_quantized(model, tokenizer, result, args.out, source=args.model)
     else:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / RECORDS_FILE).write_text(json.dumps(result.records, indent=1))
+        _write_json(Path(args.out) / RECORDS_FILE, result.records)
     summary = {"model": args.model, "dtype": args.dtype, "config": asdict(cfg), "calib": args.calib, "nsamples": args.nsamples,
                "seqlen": args.seqlen, "seed": args.seed, "seconds": result.seconds,
                "block_seconds": result.block_seconds, "saved": args.save}
     if args.eval:
         summary["ppl"] = _perplexities(model, tokenizer, args, args.eval)
-    (Path(args.out) / "magr_summary.json").write_text(json.dumps(summary, indent=2))
+    _write_json(Path(args.out) / SUMMARY_FILE, summary)
     return summary
 
 
@@ -203,8 +200,10 @@ def cmd_zeroshot(args) -> dict:
     from .zeroshot import evaluate_zeroshot
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    # --data-root is the offline data folder of every command; the zero-shot sets are its zeroshot/ subfolder
+    zs_root = Path(args.data_root) / "zeroshot" if args.data_root else None
     out = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
-                            device=args.device, source=args.source, data_root=args.data_root)
+                            device=args.device, source=args.source, data_root=zs_root)
     if args.json:
         _write_json(args.json, out)
     return out

@@ -179,18 +179,17 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
     Returns (inputs (nsamples, seqlen, hidden) on ``device``, kwargs of the decoder-layer call such as
     the rotary position embeddings and the causal mask, shared by all samples of equal length).
     """
-    layers = checked_layers(model)
+    from .models import decoder_layers
+
+    layers = decoder_layers(model)  # the callers have run check_architecture
     captured: dict = {}
     inps = []
-
-    class _Stop(Exception):
-        pass
 
     def hook(module, args, kwargs):
         inps.append((args[0] if args else kwargs["hidden_states"]).detach())
         if not captured:
             captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+        raise _StopForward
 
     emb, rot = model.model.embed_tokens, getattr(model.model, "rotary_emb", None)
     moved = [m for m in (emb, rot, layers[0]) if m is not None]
@@ -202,7 +201,7 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
         for row in tokens:
             try:
                 model(row.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
+            except _StopForward:
                 pass
     finally:
         handle.remove()
@@ -214,7 +213,8 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
     return torch.cat(inps, 0), kwargs
 
 
-def _block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict, batch: int = FORWARD_BATCH) -> torch.Tensor:
+def block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict, batch: int = FORWARD_BATCH) -> torch.Tensor:
+    """The block's outputs for all calibration samples, ``batch`` samples per forward pass."""
     outs = []
     for i in range(0, inps.shape[0], batch):
         out = block(inps[i : i + batch], **kwargs)
@@ -285,11 +285,11 @@ def magr_layers(weights: list[torch.Tensor], st: _Stats, cfg: QuantConfig) -> tu
     seconds = time.perf_counter() - t0
     rows = sum(w.shape[0] for w in weights)
     recs = []
-    for w, info in zip(weights, infos):
+    for w, w_new, info in zip(weights, new, infos):
         recs.append({
             "magr_objective_start": info.objective[0] if info.objective else None,
             "magr_objective_end": info.objective[-1] if info.objective else None,
-            "row_max_after": _row_max_summary(info.row_max_after),
+            "row_max_after": _row_max_summary(w_new.abs().amax(dim=1)),
             "seconds_magr": seconds * w.shape[0] / rows,  # the group's time, split by rows
         })
     return new, recs
@@ -419,7 +419,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, prog
                             "params": {n: asdict(result.params[n]) for n in names}}, pt)
                 js.write_text(json.dumps({"tag": tag, "records": block_records,
                                           "seconds": result.block_seconds[-1]}))
-        inps = _block_forward(block, inps, kwargs)
+        inps = block_forward(block, inps, kwargs)
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -438,6 +438,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, prog
 QUANT_FILE = "magr_quantization.json"
 PARAMS_FILE = "magr_qparams.safetensors"
 RECORDS_FILE = "magr_layers.json"
+SUMMARY_FILE = "magr_summary.json"  # written by `magr quantize`
 
 
 def save_quantized(model: nn.Module, tokenizer, result: QuantResult, out_dir: str | Path,

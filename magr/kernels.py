@@ -18,11 +18,9 @@ short segments, the whole threshold search on-chip) and a pure-torch version (an
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 
-log = logging.getLogger(__name__)
 
 try:  # Triton is optional: the torch backend covers the CPU and machines without it.
     import triton

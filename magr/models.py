@@ -260,6 +260,10 @@ def _from_gguf(gguf: Path, dtype: torch.dtype):
     return model
 
 
+#: dtype names accepted by the CLI and scripts/prepare_model.py
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)``: an alias in :data:`ALIASES`, a local folder / ``.gguf`` file, or a hub id.
 

@@ -139,7 +139,6 @@ def magr_preprocess(
 # Fast path (issue 6): the same objective F, solved by FISTA with a fused, sort-free prox step, rows of
 # layers that share H stacked into one matrix, TF32 or bf16 gradient matmuls and lambda_max by Lanczos.
 
-FAST_ITERS = 48  # FISTA iterations: 37-38 reach the objective of 200 published (ISTA) iterations (benchmarks/NOTES.md)
 PRECISIONS = ("fp32", "tf32", "bf16")
 ACCELERATIONS = ("fista", "none")
 
@@ -237,11 +236,23 @@ def fast_iters_matching(ista_iters: int, margin: float = 1.25) -> int:
     return math.ceil(margin * 2.7 * math.sqrt(ista_iters))
 
 
+FAST_ITERS = fast_iters_matching(200)  # 48 FISTA iterations for the published 200 (benchmarks/NOTES.md)
+
+
 def exact_objective(W, W_hat, H, alpha, group_size=None) -> float:
     """F(W) of :func:`magr_objective` computed in float64 (never TF32/bf16), whatever the inputs' dtype."""
+    return magr_objective(W.double(), W_hat.double(), H.to(device=W.device, dtype=torch.float64), alpha, group_size)
+
+
+def _row_penalties(W, alpha, group_size) -> torch.Tensor:
+    """alpha * ||w||_inf of every row (summed over its groups), in float64: F(W_hat) row by row."""
+    return alpha * linf_norms(W.double(), group_size).reshape(W.shape[0], -1).sum(dim=1)
+
+
+def _row_objectives(W, W_hat, Hn, alpha, group_size) -> torch.Tensor:
+    """F of every row in float64: 1/2 (w - w_hat) H (w - w_hat)^T + alpha ||w||_inf (rows are independent)."""
     D = W.double() - W_hat.double()
-    return float(0.5 * (D @ H.to(device=D.device, dtype=torch.float64) * D).sum()
-                 + alpha * linf_norms(W.double(), group_size).sum())
+    return 0.5 * (D @ Hn.to(device=D.device, dtype=torch.float64) * D).sum(dim=1) + _row_penalties(W, alpha, group_size)
 
 
 def magr_preprocess_fast(
@@ -258,6 +269,7 @@ def magr_preprocess_fast(
     dtype: torch.dtype = torch.float32,
     return_info: bool = False,
     callback=None,
+    rows: list[int] | None = None,
 ):
     """Fast MagR: minimise the same F as :func:`magr_preprocess` by FISTA with a fused prox step.
 
@@ -269,6 +281,8 @@ def magr_preprocess_fast(
     FISTA reaches the objective of 200 plain iterations in far fewer (see benchmarks/). Arguments as in
     :func:`magr_preprocess`; ``kernel`` picks the prox backend ("auto", "triton", "torch");
     ``callback(k, W_k)``, if given, sees every iterate (k = 1..iters; for diagnostics, not timing).
+    With ``return_info`` also returns a :class:`MagrInfo` (objectives [F(W_hat), F(result)] in float64), or,
+    given ``rows`` (consecutive row counts summing to out_features), a list of one per block of rows.
     """
     from .kernels import prox_step_, resolve_backend
 
@@ -284,11 +298,13 @@ def magr_preprocess_fast(
     start = time.perf_counter()
     W_hat = W.to(dtype).contiguous()
     Hc = H.to(device=W.device, dtype=dtype)
-    lam = lambda_max_lanczos(Hc) if lambda_method == "lanczos" else lambda_max(Hc, "eigh")
+    lam = lambda_max(Hc, lambda_method)
     if not torch.isfinite(lam) or lam <= 0:
         log.warning("lambda_max(H) = %s: MagR leaves the weight unchanged", float(lam))
         out = W.clone()
-        return (out, MagrInfo(lambda_max=float(lam))) if return_info else out
+        if not return_info:
+            return out
+        return out, MagrInfo(lambda_max=float(lam)) if rows is None else [MagrInfo(lambda_max=float(lam)) for _ in rows]
     Hn = Hc / lam
     prox_t = alpha if normalize else alpha / float(lam)
     mm_dtype = torch.bfloat16 if precision == "bf16" else dtype
@@ -305,14 +321,14 @@ def magr_preprocess_fast(
     out = Wk.to(W.dtype)
     if not return_info:
         return out
-    a_obj = alpha if normalize else alpha / float(lam)
-    info = MagrInfo(lambda_max=float(lam))
-    info.objective = [exact_objective(W_hat, W_hat, Hn, a_obj, group_size),
-                      exact_objective(Wk, W_hat, Hn, a_obj, group_size)]
-    info.row_max_before = W_hat.abs().amax(dim=1).cpu()
-    info.row_max_after = Wk.abs().amax(dim=1).cpu()
-    info.seconds = time.perf_counter() - start
-    return out, info
+    # diagnostics in float64, one matmul: F(W_hat) is the penalty alone (W_hat - W_hat = 0)
+    f0, f1 = _row_penalties(W_hat, prox_t, group_size), _row_objectives(Wk, W_hat, Hn, prox_t, group_size)
+    seconds = time.perf_counter() - start
+    split = [W.shape[0]] if rows is None else rows
+    infos = [MagrInfo(objective=[float(a.sum()), float(b.sum())], row_max_before=wb.abs().amax(dim=1).cpu(),
+                      row_max_after=wa.abs().amax(dim=1).cpu(), lambda_max=float(lam), seconds=seconds)
+             for a, b, wb, wa in zip(*(torch.split(x, split, dim=0) for x in (f0, f1, W_hat, Wk)))]
+    return out, infos[0] if rows is None else infos
 
 
 def magr_preprocess_group(weights, H: torch.Tensor, alpha: float = 1e-3, path: str = "fast",
@@ -340,21 +356,8 @@ def magr_preprocess_group(weights, H: torch.Tensor, alpha: float = 1e-3, path: s
         raise ValueError(f"weights must be 2-D with one input width, got shapes {[tuple(w.shape) for w in weights]}")
     rows = [w.shape[0] for w in weights]
     stacked = torch.cat([w.to(weights[0].dtype) for w in weights], dim=0)
-    result = magr_preprocess_fast(stacked, H, alpha, return_info=return_info, **options)
-    out, info = result if return_info else (result, None)
+    result = magr_preprocess_fast(stacked, H, alpha, return_info=return_info, rows=rows, **options)
+    out, infos = result if return_info else (result, None)
     parts = [p.to(w.dtype) for p, w in zip(torch.split(out, rows, dim=0), weights)]
     del stacked, out
-    if not return_info:
-        return parts
-    normalize = options.get("normalize", True)
-    a_obj = alpha if normalize else alpha / info.lambda_max
-    Hn = H.to(device=parts[0].device, dtype=torch.float64) / info.lambda_max
-    infos = []
-    for w, p in zip(weights, parts):
-        i = MagrInfo(lambda_max=info.lambda_max, seconds=info.seconds)
-        i.objective = [exact_objective(w, w, Hn, a_obj, options.get("group_size")),
-                       exact_objective(p, w, Hn, a_obj, options.get("group_size"))]
-        i.row_max_before = w.abs().amax(dim=1).float().cpu()
-        i.row_max_after = p.abs().amax(dim=1).float().cpu()
-        infos.append(i)
-    return parts, infos
+    return (parts, infos) if return_info else parts

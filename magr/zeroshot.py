@@ -294,14 +294,17 @@ def _fmt(v: float | None, pct: bool = True) -> str:
     return f"{100 * v:.2f}" if pct else f"{v:.1f}"
 
 
+def format_acc(value: float | None, stderr: float | None) -> str:
+    """An accuracy in % with its standard error: '51.56 ± 1.03' ('-' when missing)."""
+    return _fmt(value) if value is None or stderr is None else f"{_fmt(value)} ± {_fmt(stderr)}"
+
+
 def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of `evaluate_zeroshot` results (accuracies in %, +- one standard error)."""
     lines = ["| task | n | acc (%) | acc_norm (%) | chance (%) | seconds |", "|---|---:|---:|---:|---:|---:|"]
     for task, r in results.items():
-        acc = f"{_fmt(r.get('acc'))} ± {_fmt(r.get('acc_stderr'))}" if r.get("acc_stderr") is not None \
-            else _fmt(r.get("acc"))
-        norm = f"{_fmt(r.get('acc_norm'))} ± {_fmt(r.get('acc_norm_stderr'))}" \
-            if r.get("acc_norm_stderr") is not None else _fmt(r.get("acc_norm"))
+        acc = format_acc(r.get("acc"), r.get("acc_stderr"))
+        norm = format_acc(r.get("acc_norm"), r.get("acc_norm_stderr"))
         lines.append(f"| {task} | {r.get('n', '-')} | {acc} | {norm} | {_fmt(r.get('chance', CHANCE.get(task)))} "
                      f"| {_fmt(r.get('seconds'), pct=False)} |")
     return "\n".join(lines)

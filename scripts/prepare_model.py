@@ -1,7 +1,7 @@
 """Load a model once (alias, GGUF, folder or hub id) and save it as a plain safetensors folder.
 
 The pipeline's first stage: loading the embedded SmolLM2 GGUF de-quantizes 272 tensors and converts the
-tokenizer (about 30 s on 2 CPU cores); the saved folder loads in under a second in every later stage.
+tokenizer once; every later stage loads the saved folder, which is much faster.
 
     python scripts/prepare_model.py --source smollm2-135m --out runs/model [--dtype float32]
 """
@@ -13,9 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from magr.models import DTYPES, load_model
 
 
 def main(argv=None) -> int:
@@ -25,9 +23,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from magr.models import load_model
-
     model, tokenizer = load_model(args.source, dtype=DTYPES[args.dtype])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

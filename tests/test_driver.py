@@ -51,24 +51,49 @@ def test_optq_reconstructs_better_than_rtn_and_groups_work():
     _assert_on_grid(model, r_g.params)
 
 
-def test_interrupted_run_resumes_from_block_checkpoints(tmp_path):
-    model_a, _, res_a = _quantized("magr+optq")
+def test_interrupted_run_resumes_from_block_checkpoints(tmp_path, monkeypatch):
+    import magr.driver as driver
+
+    calls = []
+    real = driver.quantize_layer
+    monkeypatch.setattr(driver, "quantize_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = QuantConfig(method="magr+optq", bits=3, iters=20, device="cpu")
     model_b, _ = load_model("stories260k")
-    quantize_model(model_b, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    res_b = quantize_model(model_b, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    n_blocks, per_block = len(model_b.model.layers), len(LINEAR_NAMES)
+    assert len(calls) == n_blocks * per_block
     # simulate an interruption after block 2: the later blocks' checkpoints are missing
     for f in tmp_path.glob("block_00[34].*"):
         f.unlink()
+    calls.clear()
     model_c, _ = load_model("stories260k")
     res_c = quantize_model(model_c, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
-    assert len(res_c.records) == len(res_a.records)
-    for name in res_a.params:
-        torch.testing.assert_close(model_c.get_submodule(name).weight, model_a.get_submodule(name).weight)
+    assert len(calls) == 2 * per_block  # only blocks 3 and 4 were quantized again
+    assert res_c.block_seconds[:3] == res_b.block_seconds[:3]  # the first three came from the checkpoints
+    assert len(res_c.records) == len(res_b.records)
+    for name in res_b.params:
+        torch.testing.assert_close(model_c.get_submodule(name).weight, model_b.get_submodule(name).weight)
     # a different setting does not reuse the checkpoints
+    calls.clear()
     model_d, _ = load_model("stories260k")
     res_d = quantize_model(model_d, CALIB, QuantConfig(method="rtn", bits=3, device="cpu"),
                            progress=False, checkpoint_dir=tmp_path)
+    assert len(calls) == n_blocks * per_block
     assert "magr_objective_end" not in res_d.records[0]
+
+
+def test_degenerate_features_leave_weights_unchanged_with_both_solvers():
+    from magr.driver import _Stats, magr_layers
+
+    st = _Stats(16, "cpu")
+    st.H_last = torch.zeros(16, 16)  # X = 0: lambda_max(H) = 0, nothing to preserve or reduce
+    weights = [torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), torch.randn(3, 16)]
+    for solver in ("reference", "fast"):
+        new, recs = magr_layers(weights, st, QuantConfig(method="magr+rtn", bits=3, magr_solver=solver).resolved())
+        for w, w_new, rec in zip(weights, new, recs):
+            torch.testing.assert_close(w_new, w)
+            assert rec["magr_objective_end"] is None
+            assert rec["row_max_after"]["max"] == pytest.approx(float(w.abs().amax()))
 
 
 def test_save_and_reload_give_identical_perplexity(tmp_path):

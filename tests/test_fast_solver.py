@@ -1,6 +1,8 @@
 """The fast MagR path (issue 6): fused sort-free prox step, Lanczos lambda_max, FISTA, stacked layers."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -284,5 +286,6 @@ def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "device: CPU" in out and "Per block (7 layers" in out
     ista = next(line for line in out.splitlines() if line.strip().startswith("fast ISTA 12"))
-    assert "rel" in ista and "WORSE" not in ista  # the sort-free ISTA gives the reference's objective
+    worst = float(re.search(r"worst layer ([-+0-9.e]+)", ista).group(1))
+    assert abs(worst) < 1e-3  # the sort-free ISTA gives the reference's objective, layer by layer
     assert "iterations to reach F <= 1.001 * F_ref(ISTA 12)" in out

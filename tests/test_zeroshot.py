@@ -1,12 +1,8 @@
 """Zero-shot tasks on local data: task files mirror lm-eval's built-ins, load offline, score deterministically,
 and reject missing or malformed data files with a clear error."""
 import json
-import os
 import re
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -106,16 +102,6 @@ def test_arc_prompt_renders_question_and_choices(local_tasks):
 
 
 # ----------------------------------------------------------------------------- scoring a model
-@pytest.fixture(scope="module")
-def stories260k():
-    from magr.models import load_model
-
-    try:
-        return load_model("stories260k")
-    except FileNotFoundError as e:
-        pytest.skip(f"stories260K not available: {e}")
-
-
 def test_stories260k_scores_deterministically(stories260k):
     model, tok = stories260k
     kw = dict(limit=6, batch_size=4)
@@ -254,3 +240,13 @@ def test_hub_source_requests_builtin_tasks(monkeypatch):
     assert requested == ["winogrande"]
     builtin = TaskManager(include_path=[str(p.parent) for p in BUILTIN_YAML.values()], include_defaults=False)
     assert set(zs.TASKS) <= set(builtin.all_tasks)
+
+
+def test_cli_data_root_is_the_data_folder_of_every_command(data_root, tmp_path, capsys):
+    """`magr zeroshot --data-root` takes the same folder as `magr ppl` (the sets live in its zeroshot/)."""
+    from magr.cli import main
+
+    out = tmp_path / "zs" / "r.json"
+    assert main(["zeroshot", "--model", "stories260k", "--data-root", str(data_root), "--tasks", "piqa",
+                 "--limit", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["piqa"]["n"] == 2
