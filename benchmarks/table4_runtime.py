@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from magr.analysis import PAPER_RUNTIME_7B_MIN
 from magr.driver import QuantConfig, quantize_model
 
 METHODS = [  # (label, method, bits, cd passes)
@@ -99,7 +100,7 @@ def main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         lines = [f"# Table 4 analogue: runtime on {name}", "",
-                 f"Model: {meta['model']}, fp16, {args.layers} blocks measured; calibration {meta['calibration']}; "
+                 f"Model: {meta['model']}, {meta['dtype']}, {args.layers} blocks measured; calibration {meta['calibration']}; "
                  f"MagR solver: {args.magr_solver}. 32-block figures are **extrapolated** (mean block time x 32), "
                  "embedding/capture time excluded.", "",
                  "| method | mean s / block | MagR s / block | quantizer s / block | 32 blocks (extrapolated) |",
@@ -107,8 +108,8 @@ def main():
         for r in rows:
             lines.append(f"| {r['method']} | {r['mean_block_s']:.2f} | {r['magr_s_per_block']:.2f} | "
                          f"{r['quant_s_per_block']:.2f} | {r['extrapolated_32_blocks_min']:.1f} min |")
-        lines += ["", "Paper (LLaMA-2-7B, one A100, 32 blocks, Table 4): RTN 5 min, OPTQ 22 min, MagR+OPTQ 35 min, "
-                  "MagR+OPTQ-dagger 2.5 h."]
+        lines += ["", "Paper (LLaMA-2-7B, one A100, 32 blocks, Table 4): "
+                  + ", ".join(f"{m} {v} min" for m, v in PAPER_RUNTIME_7B_MIN.items()) + "."]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
 

@@ -34,8 +34,8 @@ SECTIONS = [
 # Committed results measured outside the pipeline (too slow for the default profile); shown when present.
 EXTRA_SECTIONS = [
     ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
-     "Every item of the four sets, float / W3 RTN / W3 MagR+OPTQ quantized with 32 x 512 C4 calibration tokens "
-     "(benchmarks/zeroshot_cells.py and benchmarks/zeroshot_table.py; the JSON files are in reports/zeroshot_full/)."),
+     "Every item of the four sets, measured with benchmarks/zeroshot_cells.py and merged by "
+     "benchmarks/zeroshot_table.py (settings above; the JSON files are in reports/zeroshot_full/)."),
 ]
 
 
