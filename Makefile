@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python >= 3.10, ../shared beside the repository):
 #   make repro   set up .venv and run the whole pipeline (dvc repro) -> reports/
 #   make test    set up .venv and run the unit tests and the notebooks (pytest --nbval-lax)
-# Other targets: setup, status (dvc status), clean (remove runs/ and the executed notebooks).
+# Other targets: setup, status (dvc status), clean (remove runs/ and the executed notebooks),
+# store-notebooks (re-execute the notebooks and store the outputs nbval compares).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -18,7 +19,7 @@ export MPLBACKEND := Agg
 # spinning threads slow torch's many small ops down badly.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test test-unit test-notebooks status clean
+.PHONY: setup repro test test-unit test-notebooks store-notebooks status clean
 
 setup: $(VENV)/.magr-installed
 
@@ -42,6 +43,9 @@ test-unit:
 
 test-notebooks:
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks/
+
+store-notebooks: setup
+	$(BIN)/python scripts/store_notebooks.py
 
 status:
 	dvc status

@@ -5,7 +5,7 @@ features X = tokens x in drawn at random (2048 tokens), alpha = 1e-3 per channel
 
 - reference: the published procedure, layer by layer: X / sigma_max(X) (SVD), H = X^T X, 200 plain
   proximal-gradient steps with float32 matmuls (TF32 off) and the sort-based l1-ball projection.
-- fast: :func:`magr.solver.magr_preprocess_group` per group of layers sharing one input (q/k/v, o,
+- fast: :func:`magr.fista.magr_fista` on the stacked rows of each group of layers sharing one input (q/k/v, o,
   gate/up, down): H computed once, lambda_max by Lanczos, rows stacked, FISTA, fused Triton prox.
 
 Objectives F(W) = 1/2 ||X (W - W_hat)^T||^2 + alpha * sum ||w_row||_inf are always computed in float64
@@ -27,14 +27,8 @@ import torch
 
 from magr import kernels
 from magr.projection import prox_linf
-from magr.solver import (
-    FAST_ITERS,
-    exact_objective,
-    fista_momenta,
-    lambda_max_lanczos,
-    magr_preprocess_group,
-    matmul_precision,
-)
+from magr.fista import FAST_ITERS, fista_momenta, magr_fista
+from magr.solver import exact_objective, lambda_max_lanczos, matmul_precision
 
 log = logging.getLogger("bench_magr")
 
@@ -170,8 +164,15 @@ def gram(X):
         return X.T @ X
 
 
+def fast_group(weights, H, alpha, iters=FAST_ITERS, group_size=None, **fista_args):
+    """magr_fista on the rows of ``weights`` stacked (layers sharing H), split back per layer."""
+    rows = [w.shape[0] for w in weights]
+    out = magr_fista(torch.cat(weights, dim=0), H, alpha, iters, group_size, rows=rows, **fista_args)
+    return list(torch.split(out, rows, dim=0))
+
+
 def run_fast(block, alpha, device, H_exact, group_size, label, grouped=True, repeats=3, **options) -> Run:
-    """Times magr_preprocess_group per group (H = X^T X included); median of ``repeats`` runs."""
+    """Times fast_group per group (H = X^T X included); median of ``repeats`` runs."""
     run = Run(label)
     try:
         times: dict[str, list[float]] = {}
@@ -183,7 +184,7 @@ def run_fast(block, alpha, device, H_exact, group_size, label, grouped=True, rep
                     sync(device)
                     t0 = time.perf_counter()
                     H = gram(grp.X)
-                    outs = magr_preprocess_group([grp.layers[n] for n in unit], H, alpha,
+                    outs = fast_group([grp.layers[n] for n in unit], H, alpha,
                                                  group_size=group_size, **options)
                     sync(device)
                     times.setdefault(key, []).append(time.perf_counter() - t0)
@@ -244,7 +245,7 @@ def trace_fast(block, alpha, device, H_exact, ref: Run, max_iters, precision, gr
                 if first.get(n) is None and F <= ref.objective[n] * (1 + 1e-3):
                     first[n] = k
 
-        magr_preprocess_group([grp.layers[n] for n in names], gram(grp.X), alpha, iters=max_iters,
+        fast_group([grp.layers[n] for n in names], gram(grp.X), alpha, iters=max_iters,
                               precision=precision, group_size=group_size, callback=cb)
     return first, curves
 
@@ -340,7 +341,7 @@ def main(argv=None):
         reference_layer(W0[:64], grp.X, args.alpha, 2, Stopwatch(device), gs)
         try:
             for precision in ("tf32", "bf16", "fp32"):
-                magr_preprocess_group([W0[:64]], gram(grp.X), args.alpha, iters=2, group_size=gs,
+                fast_group([W0[:64]], gram(grp.X), args.alpha, iters=2, group_size=gs,
                                       precision=precision, kernel=kernel)
         except Exception as exc:
             log.exception("fast path warm-up failed")

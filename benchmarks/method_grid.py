@@ -1,4 +1,4 @@
-"""Perplexity of every (method, bits) cell on one model, with wall times: the driver's acceptance grid.
+"""Perplexity of every (method, bits) cell on one model, with wall times: the pipeline's acceptance grid.
 
     # stories260K, TinyStories calibration and evaluation (512-token windows, BOS per window)
     python benchmarks/method_grid.py --model stories260k --calib tinystories --nsamples 64 --seqlen 512 \
@@ -18,13 +18,13 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from magr.data import get_calibration, get_eval_tokens
-from magr.driver import METHODS, QuantConfig, quantize_model
+from magr.methods import PRESETS, QuantConfig
+from magr.pipeline import quantize_model
 from magr.evaluation import perplexity
 from magr.models import load_model
 
@@ -42,10 +42,10 @@ def main():
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--bos-per-window", action="store_true")
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     ap.add_argument("--group-size", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--magr-solver", default="fast", choices=("fast", "reference"))
+    ap.add_argument("--iters", type=int, default=None, help="MagR solver iterations (default: the solver's)")
+    ap.add_argument("--solver", default="fista", choices=("fista", "ista"))
     ap.add_argument("--no-float", action="store_true", help="skip the float baseline row")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (model, quantization and evaluation)")
     ap.add_argument("--out", required=True)
@@ -80,7 +80,7 @@ def main():
                  f"{f', first {args.max_windows} windows' if args.max_windows else ''}"
                  f"{f', split {args.eval_split}' if args.eval_split else ''}; per channel"
                  f"{f', group {args.group_size}' if args.group_size else ''};"
-                 f" MagR solver {args.magr_solver} ({args.iters} published iterations); "
+                 f" MagR solver {args.solver} ({args.iters or 'default'} iterations); "
                  f"{meta['machine']}.", "",
                  "| method | bits | " + " | ".join(f"{n} ppl" for n in names) + " | quantize s | eval s |",
                  "|---|---|" + "---|" * len(names) + "---|---|"]
@@ -99,13 +99,13 @@ def main():
     for bits in args.bits:
         for method in args.methods:
             m = copy.deepcopy(model)
-            cfg = QuantConfig(method=method, bits=bits, group_size=args.group_size, iters=args.iters,
-                              magr_solver=args.magr_solver, device=args.device)
+            cfg = QuantConfig.build(method=method, bits=bits, group_size=args.group_size, iters=args.iters,
+                                    solver=args.solver)
             t1 = time.perf_counter()
-            res = quantize_model(m, calib, cfg, progress=False)
+            res = quantize_model(m, calib, cfg, device=args.device, progress=False)
             t2 = time.perf_counter()
             row = {"method": method, "bits": bits, "ppl": ppls(m), "quant_s": t2 - t1,
-                   "eval_s": time.perf_counter() - t2, "config": asdict(res.config)}
+                   "eval_s": time.perf_counter() - t2, "config": res.config.to_dict()}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
             write()  # keep what is done if the run is interrupted

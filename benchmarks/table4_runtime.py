@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from magr.analysis import PAPER_RUNTIME_7B_MIN
-from magr.driver import QuantConfig, quantize_model
+from magr.methods import QuantConfig
+from magr.paper import PAPER_RUNTIME_7B_MIN
+from magr.pipeline import quantize_model
 
 METHODS = [  # (label, method, bits, cd passes)
     ("RTN (W3)", "rtn", 3, None),
@@ -52,7 +53,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of method labels' method names")
-    ap.add_argument("--magr-solver", default="fast", choices=("fast", "reference"))
+    ap.add_argument("--solver", default="fista", choices=("fista", "ista"), help="MagR solver")
     ap.add_argument("--tiny", action="store_true", help="tiny CPU smoke configuration")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args()
@@ -62,7 +63,7 @@ def main():
         args.nsamples, args.seqlen = min(args.nsamples, 4), min(args.seqlen, 64)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}); torch {torch.__version__}; dtype {dtype}; blocks {args.layers}; "
-          f"calibration {args.nsamples} x {args.seqlen} random tokens; MagR solver {args.magr_solver}")
+          f"calibration {args.nsamples} x {args.seqlen} random tokens; MagR solver {args.solver}")
     rows = []
     for label, method, bits, passes in METHODS:
         if args.methods and method not in args.methods:
@@ -70,11 +71,11 @@ def main():
         model = build_model(args.layers, args.tiny, dtype, device)
         vocab = model.config.vocab_size
         calib = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
-        cfg = QuantConfig(method=method, bits=bits, cd_passes=passes, device=device, magr_solver=args.magr_solver)
+        cfg = QuantConfig.build(method=method, bits=bits, cd_passes=passes, solver=args.solver)
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = quantize_model(model, calib, cfg, progress=False)
+        res = quantize_model(model, calib, cfg, device=device, progress=False)
         total = time.perf_counter() - t0
         blocks = res.block_seconds
         per_layer = {}
@@ -84,16 +85,18 @@ def main():
                "total_s": total, "extrapolated_32_blocks_min": 32 * sum(blocks) / len(blocks) / 60,
                "magr_s_per_block": sum(r["seconds_magr"] for r in res.records) / len(blocks),
                "quant_s_per_block": sum(r["seconds_quant"] for r in res.records) / len(blocks),
+               "cd_s_per_block": sum(r["seconds_refine"] for r in res.records) / len(blocks),
                "per_layer_mean_s": {k: sum(v) / len(v) for k, v in per_layer.items()}}
         rows.append(row)
         print(f"{label:40s} blocks {', '.join(f'{b:.1f}' for b in blocks)} s; mean {row['mean_block_s']:.2f} s/block "
-              f"(MagR {row['magr_s_per_block']:.2f}, quantizer {row['quant_s_per_block']:.2f}); "
+              f"(MagR {row['magr_s_per_block']:.2f}, quantizer {row['quant_s_per_block']:.2f}, "
+              f"CD {row['cd_s_per_block']:.2f}); "
               f"x32 blocks = {row['extrapolated_32_blocks_min']:.1f} min (extrapolated)", flush=True)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "blocks_measured": args.layers,
-            "calibration": f"{args.nsamples} x {args.seqlen} random tokens", "magr_solver": args.magr_solver,
+            "calibration": f"{args.nsamples} x {args.seqlen} random tokens", "magr_solver": args.solver,
             "model": "random-init LLaMA-2-7B configuration" if not args.tiny else "tiny smoke config"}
     if args.out:
         out = Path(args.out)
@@ -101,13 +104,13 @@ def main():
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         lines = [f"# Table 4 analogue: runtime on {name}", "",
                  f"Model: {meta['model']}, {meta['dtype']}, {args.layers} blocks measured; calibration {meta['calibration']}; "
-                 f"MagR solver: {args.magr_solver}. 32-block figures are **extrapolated** (mean block time x 32), "
+                 f"MagR solver: {args.solver}. 32-block figures are **extrapolated** (mean block time x 32), "
                  "embedding/capture time excluded.", "",
-                 "| method | mean s / block | MagR s / block | quantizer s / block | 32 blocks (extrapolated) |",
-                 "|---|---|---|---|---|"]
+                 "| method | mean s / block | MagR s / block | quantizer s / block | CD s / block | 32 blocks (extrapolated) |",
+                 "|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['method']} | {r['mean_block_s']:.2f} | {r['magr_s_per_block']:.2f} | "
-                         f"{r['quant_s_per_block']:.2f} | {r['extrapolated_32_blocks_min']:.1f} min |")
+                         f"{r['quant_s_per_block']:.2f} | {r['cd_s_per_block']:.2f} | {r['extrapolated_32_blocks_min']:.1f} min |")
         lines += ["", "Paper (LLaMA-2-7B, one A100, 32 blocks, Table 4): "
                   + ", ".join(f"{m} {v} min" for m, v in PAPER_RUNTIME_7B_MIN.items()) + "."]
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -13,20 +13,20 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict
 
 import torch
 
 from magr.data import get_calibration
-from magr.driver import QuantConfig, quantize_model
+from magr.methods import PRESETS, QuantConfig
 from magr.models import load_model
+from magr.pipeline import quantize_model
 from magr.zeroshot import TASKS, evaluate_zeroshot, results_table
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--method", default="float", help="float or a driver method (rtn, magr+optq, ...)")
+    ap.add_argument("--method", default="float", choices=("float", *PRESETS), help="float or a method preset")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -41,8 +41,8 @@ def main():
     meta.update(machine=f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads")
     if args.method != "float":
         calib = get_calibration(args.calib, tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-        res = quantize_model(model, calib, QuantConfig(method=args.method, bits=args.bits, device="cpu"))
-        meta.update(config=asdict(res.config), quantize_s=res.seconds)
+        res = quantize_model(model, calib, QuantConfig.build(method=args.method, bits=args.bits), device="cpu")
+        meta.update(config=res.config.to_dict(), quantize_s=res.seconds)
     t0 = time.perf_counter()
     results = evaluate_zeroshot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, device="cpu")
     meta["zeroshot_s"] = time.perf_counter() - t0

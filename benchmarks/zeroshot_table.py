@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from magr.analysis import METHOD_ORDER, cell_label, markdown_table
+from magr.tables import METHOD_ORDER, cell_label, describe_config, markdown_table
 from magr.zeroshot import CHANCE, TASKS, format_acc
 
 
@@ -62,26 +62,13 @@ def markdown(cells: dict[str, dict]) -> str:
     return markdown_table(pd.DataFrame(rows, columns=header))
 
 
-def quant_settings(c: dict) -> str:
-    """The QuantConfig fields that matter for c['method'], in words."""
-    parts = [c["method"], f"{c['bits']} bits", "per channel" if c["group_size"] is None else f"g{c['group_size']}",
-             f"beta {c['beta']}"]
-    if c["method"].startswith("magr"):
-        parts.append(f"MagR alpha {c['alpha']}, {c['iters']} iterations ({c['magr_solver']} solver), "
-                     f"X = {c['feature_source']}")
-    if "optq" in c["method"]:
-        parts.append(f"OPTQ damp {c['percdamp']}, block {c['blocksize']}, CD passes {c['cd_passes']}")
-    parts.append("true-sequential" if c["true_sequential"] else "one statistics pass per block")
-    return ", ".join(parts)
-
-
 def settings(cells: dict[str, dict]) -> str:
     lines = []
     for label, cell in cells.items():
         for m in cell["meta"]:
             quant = "" if m["method"] == "float" else (
                 f"; quantized in memory with {m['nsamples']} x {m['seqlen']} {m['calib']} calibration tokens "
-                f"({quant_settings(m['config'])}; {m['quantize_s']:.0f} s)")
+                f"({describe_config(m['config'])}; {m['quantize_s']:.0f} s)")
             ns = ", ".join(f"{t} {cell['results'][t]['n']}" for t in m["tasks"])
             lines.append(f"- {label} ({m['file']}: {ns} items): model {m['model']}{quant}; batch size "
                          f"{m['batch_size']}, {m['machine']}, limit {m['limit']}")

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -298,3 +301,26 @@ def get_calibration(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2
     log.info("%s calibration: %d windows of %d tokens from %d tokens (seed %d)",
              source, nsamples, seqlen, tokens.numel(), seed)
     return windows
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of the train text of ``calib``
+    (paper: 128 x 2048 tokens of C4, seed 0)."""
+
+    calib: str = setting("c4", "calibration source: c4, wikitext2, tinystories or a .txt/.jsonl file")
+    nsamples: int = setting(128, "calibration windows")
+    seqlen: int = setting(2048, "calibration window length (tokens)")
+    seed: int = setting(0, "calibration sampling seed")
+
+    def __post_init__(self):
+        if self.nsamples <= 0 or self.seqlen <= 0:
+            raise ValueError(f"nsamples={self.nsamples} and seqlen={self.seqlen} must be positive")
+
+    def check(self, data_root=None) -> None:
+        """Fail before any long work if the source or its offline files are missing."""
+        resolve_source(self.calib, data_root)
+
+    def tokens(self, tokenizer, data_root=None) -> torch.Tensor:
+        """The (nsamples, seqlen) calibration windows (:func:`get_calibration`)."""
+        return get_calibration(self.calib, tokenizer, self.nsamples, self.seqlen, self.seed, data_root)

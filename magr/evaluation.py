@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +105,50 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int 
     log.info("perplexity %.4f over %d windows of %d tokens (%.1f s)", ppl, windows.shape[0], seqlen,
              time.perf_counter() - start)
     return ppl
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Perplexity protocol: non-overlapping ``eval_seqlen``-token windows of each set's evaluation text
+    (paper: 2048; C4: the first 256 x 2048 tokens, :func:`magr.data.get_eval_tokens`)."""
+
+    eval_sets: tuple[str, ...] = setting((), "perplexity sets: wikitext2, c4, tinystories or a .txt/.jsonl file",
+                                         nargs="*")
+    eval_seqlen: int = setting(2048, "perplexity window length (tokens)")
+    eval_batch: int = setting(1, "windows per forward pass")
+    max_windows: int | None = setting(None, "evaluate only the first N windows of each set (default: all)",
+                                      type=int)
+    bos_per_window: bool = setting(False, "start every window with BOS (the stories260K reference protocol)")
+
+    def __post_init__(self):
+        sets = self.eval_sets.split() if isinstance(self.eval_sets, str) else self.eval_sets
+        object.__setattr__(self, "eval_sets", tuple(sets))
+        if self.eval_seqlen < 2:
+            raise ValueError(f"eval_seqlen={self.eval_seqlen} must be at least 2")
+        if self.eval_batch <= 0:
+            raise ValueError(f"eval_batch={self.eval_batch} must be positive")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise ValueError(f"max_windows={self.max_windows} must be positive (or absent: all windows)")
+
+    def check(self, data_root=None) -> None:
+        """Fail before any long work if a set or its offline files are missing."""
+        from .data import resolve_source
+
+        for name in self.eval_sets:
+            resolve_source(name, data_root)
+
+    def perplexities(self, model, tokenizer, device=None, data_root=None) -> dict:
+        """{set: {"ppl", "seconds", "seqlen", "max_windows", "bos_per_window"}} for every set."""
+        from .data import get_eval_tokens
+
+        out = {}
+        for name in self.eval_sets:
+            t0 = time.perf_counter()
+            tokens = get_eval_tokens(name, tokenizer, data_root=data_root)
+            bos = tokenizer.bos_token_id if self.bos_per_window else None
+            ppl = perplexity(model, tokens, seqlen=self.eval_seqlen, batch_size=self.eval_batch, device=device,
+                             max_windows=self.max_windows, bos_id=bos)
+            out[name] = {"ppl": ppl, "seconds": time.perf_counter() - t0, "seqlen": self.eval_seqlen,
+                         "max_windows": self.max_windows, "bos_per_window": self.bos_per_window}
+            log.info("%s perplexity: %.4f", name, ppl)
+        return out

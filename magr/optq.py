@@ -14,10 +14,13 @@ before any update (otherwise a group's grid is taken when its first column is re
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .quantizers import QuantParams, Quantizer, quantize
+from .quantizers import Grid, QuantParams, quantize
+from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +42,47 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise RuntimeError("OPTQ: H is not positive definite even with strong damping")
 
 
-def optq(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    bits: int = 4,
-    group_size: int | None = None,
-    sym: bool = False,
-    beta: float = 1.0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    actorder: bool = False,
-    static_groups: bool = False,
-    return_params: bool = False,
-):
-    """Quantize W (out x in) with OPTQ given H = X^T X (in x in); returns the dequantized weight.
+def _grids_and_order(W, H, grid: Grid, actorder: bool, static_groups: bool):
+    """The processing order and the grids known before the column loop.
 
-    With ``return_params`` also returns the :class:`QuantParams` (per-group scale/zero and g_idx,
-    the column -> group map, which act-order permutes).
+    Returns (W, H) permuted to the processing order (act-order: decreasing H[j, j]), the grid tensors
+    scale/zero (out, n_groups) - filled now per channel or with static groups, else when each group's
+    first column is reached -, ``perm`` (processed position -> input column) and ``group_of``
+    (processed position -> group).
     """
-    quantizer = Quantizer(bits, group_size, sym, beta)
     out, n = W.shape
-    quantizer.check(n)
+    g = grid.group_size or n
+    if grid.group_size is None or static_groups:
+        p = grid.params(W)
+        scale_g, zero_g = p.scale.clone(), p.zero.clone()
+    else:
+        scale_g = torch.zeros(out, n // g, device=W.device)
+        zero_g = torch.zeros(out, n // g, device=W.device)
+    perm = torch.arange(n, device=W.device)
+    if actorder:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    if grid.group_size is None:
+        group_of = torch.zeros(n, dtype=torch.long, device=W.device)
+    elif static_groups:
+        group_of = perm // g
+    else:
+        group_of = torch.arange(n, device=W.device) // g
+    return W, H, scale_g, zero_g, perm, group_of
+
+
+def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksize: int, actorder: bool,
+         static_groups: bool) -> tuple[torch.Tensor, QuantParams]:
+    """Quantize W (out x in) with OPTQ given H = X^T X (in x in); returns (dequantized weight, grid).
+
+    The :class:`QuantParams` hold the per-group scale/zero and g_idx, the column -> group map, which
+    act-order permutes.
+    """
+    group_size = grid.group_size
+    out, n = W.shape
+    grid.check(n)
     if H.shape != (n, n):
         raise ValueError(f"H must be {n} x {n} for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
-    if percdamp < 0:
-        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
     dtype = W.dtype
     W = W.float().clone()
     H = H.float().clone()
@@ -73,29 +92,7 @@ def optq(
     W[:, dead] = 0
 
     g = group_size or n
-    n_groups = n // g
-    if group_size is None:
-        p = quantizer.params(W)
-        scale_g, zero_g = p.scale.clone(), p.zero.clone()  # (out, 1)
-    elif static_groups:
-        p = quantizer.params(W)
-        scale_g, zero_g = p.scale.clone(), p.zero.clone()  # (out, n_groups)
-    else:
-        scale_g = torch.zeros(out, n_groups, device=W.device)
-        zero_g = torch.zeros(out, n_groups, device=W.device)
-
-    perm = torch.arange(n, device=W.device)
-    if actorder:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    # group of the k-th processed column
-    if group_size is None:
-        group_of = torch.zeros(n, dtype=torch.long, device=W.device)
-    elif static_groups:
-        group_of = perm // g
-    else:
-        group_of = torch.arange(n, device=W.device) // g
-
+    W, H, scale_g, zero_g, perm, group_of = _grids_and_order(W, H, grid, actorder, static_groups)
     U = damped_inverse_cholesky(H, percdamp)
     Q = torch.zeros_like(W)
     for i1 in range(0, n, blocksize):
@@ -115,11 +112,11 @@ def optq(
                 cur = W1[:, i:i + g]
                 if k + g > i2:
                     cur = torch.cat([cur, W[:, i2:k + g] - Err1[:, :i] @ U[i1:k, i2:k + g]], dim=1)
-                s, z = quantizer.row_params(cur)
+                s, z = grid.row_params(cur)
                 scale_g[:, k // g], zero_g[:, k // g] = s[:, 0], z[:, 0]
             gi = group_of[k]
             w = W1[:, i]
-            q = quantize(w, scale_g[:, gi], zero_g[:, gi], quantizer.maxq)
+            q = quantize(w, scale_g[:, gi], zero_g[:, gi], grid.maxq)
             Q[:, k] = q
             err = (w - q) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
@@ -129,8 +126,26 @@ def optq(
     if actorder:
         Q = Q[:, torch.argsort(perm)]
     Q = Q.to(dtype)
-    if not return_params:
-        return Q
     g_idx = torch.empty(n, dtype=torch.long, device=W.device)
     g_idx[perm] = group_of
-    return Q, QuantParams(scale_g, zero_g, quantizer.maxq, g_idx)
+    return Q, QuantParams(scale_g, zero_g, grid.maxq, g_idx)
+
+
+@dataclass(frozen=True)
+class OPTQ:
+    """Quantizer step: OPTQ with H = sum over all calibration tokens of x x^T (:func:`optq`)."""
+
+    name: ClassVar[str] = "optq"
+    percdamp: float = setting(0.01, "OPTQ damping, fraction of mean(diag H)")
+    blocksize: int = setting(128, "OPTQ lazy-update block size (columns)")
+    actorder: bool = setting(False, "OPTQ: columns by decreasing H[j, j]")
+    static_groups: bool = setting(False, "OPTQ: fix every group's grid from the initial weight")
+
+    def __post_init__(self):
+        if self.percdamp < 0:
+            raise ValueError(f"percdamp={self.percdamp} must be >= 0")
+        if self.blocksize <= 0:
+            raise ValueError(f"blocksize={self.blocksize} must be a positive number of columns")
+
+    def __call__(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, QuantParams]:
+        return optq(W, H, grid, self.percdamp, self.blocksize, self.actorder, self.static_groups)

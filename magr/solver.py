@@ -12,12 +12,12 @@ H = X^T X the gradient is (W - W_hat) H, and one proximal step with eta = 1 / la
 Published convention: X is divided by its largest singular value, so lambda_max(H) = 1, eta = 1 and
 the prox scale is alpha itself. Here H is normalised the same way (H / lambda_max(H)), so ``alpha`` has
 the published meaning. The iteration starts at W = W_hat and runs ``iters`` steps (200 in the released
-code, 150 in the paper).
+code, 150 in the paper). :func:`magr_ista` is that published procedure; :mod:`magr.fista` minimises the
+same F faster; :class:`magr.preprocessing.MagR` is the step that runs either in front of a quantizer.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MagrInfo:
-    """Diagnostics of one :func:`magr_preprocess` call (objectives use the normalised H)."""
+    """Diagnostics of one MagR solve (objectives use the normalised H)."""
 
     objective: list[float] = field(default_factory=list)  # F(W_k), k = 0..iters
     row_max_before: torch.Tensor | None = None  # max |w| per row of W_hat
@@ -59,7 +59,7 @@ def lambda_max(H: torch.Tensor, method: str = "eigh", iters: int = 30) -> torch.
     raise ValueError(f"unknown lambda_max method {method!r}; allowed: 'eigh', 'power', 'lanczos'")
 
 
-def _check_problem(W: torch.Tensor, H: torch.Tensor, alpha: float, iters: int) -> None:
+def check_problem(W: torch.Tensor, H: torch.Tensor, alpha: float, iters: int) -> None:
     if W.dim() != 2 or H.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W must be (out x in) and H (in x in); got W {tuple(W.shape)}, H {tuple(H.shape)}")
     if alpha < 0:
@@ -74,26 +74,17 @@ def magr_objective(W, W_hat, H, alpha, group_size=None) -> float:
     return float(0.5 * (D @ H * D).sum() + alpha * linf_norms(W, group_size).sum())
 
 
-def magr_preprocess(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    alpha: float = 1e-3,
-    iters: int = 200,
-    group_size: int | None = None,
-    projection: str = "sort",
-    normalize: bool = True,
-    lambda_method: str = "eigh",
-    dtype: torch.dtype = torch.float32,
-    return_info: bool = False,
-):
-    """Run MagR (paper Algorithm 1) on one weight; return the new weight (and a :class:`MagrInfo`).
+def magr_ista(W: torch.Tensor, H: torch.Tensor, alpha: float, iters: int, group_size: int | None = None,
+              projection: str = "sort", normalize: bool = True, lambda_method: str = "eigh",
+              dtype: torch.dtype = torch.float32, return_info: bool = False):
+    """MagR by the published algorithm (paper Algorithm 1, ISTA); return the new weight (and a :class:`MagrInfo`).
 
     Args:
         W: weight W_hat in ``nn.Linear`` layout (out x in).
         H: X^T X (in x in) of the layer's input features X.
         alpha: l_inf penalty, relative to H scaled to lambda_max = 1 (the published convention).
             Published values: 1e-3 per channel, 1e-4 per group.
-        iters: proximal-gradient iterations (200 in the released code).
+        iters: proximal-gradient iterations (200 in the released code, 150 in the paper).
         group_size: penalise every group of this many consecutive inputs instead of whole rows.
         projection: l1-ball threshold method, ``"sort"`` (published) or ``"newton"`` (sort-free).
         normalize: divide H by lambda_max(H) (step 1, prox scale alpha; the published convention).
@@ -103,7 +94,7 @@ def magr_preprocess(
         dtype: the computation dtype (float32 as published; float64 for checks).
         return_info: also return diagnostics (objective per iteration, row maxima before and after).
     """
-    _check_problem(W, H, alpha, iters)
+    check_problem(W, H, alpha, iters)
     start = time.perf_counter()
     W_hat = W.to(dtype)
     Hc = H.to(device=W.device, dtype=dtype)
@@ -135,12 +126,9 @@ def magr_preprocess(
     return (out, info) if return_info else out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fast path (issue 6): the same objective F, solved by FISTA with a fused, sort-free prox step, rows of
-# layers that share H stacked into one matrix, TF32 or bf16 gradient matmuls and lambda_max by Lanczos.
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-ACCELERATIONS = ("fista", "none")
+def exact_objective(W, W_hat, H, alpha, group_size=None) -> float:
+    """F(W) of :func:`magr_objective` computed in float64 (never TF32/bf16), whatever the inputs' dtype."""
+    return magr_objective(W.double(), W_hat.double(), H.to(device=W.device, dtype=torch.float64), alpha, group_size)
 
 
 def lambda_max_lanczos(H: torch.Tensor, iters: int = 128, tol: float = 1e-7, seed: int = 0) -> torch.Tensor:
@@ -211,153 +199,3 @@ class matmul_precision:
         return False
 
 
-def fista_momenta(iters: int, accel: str = "fista") -> list[float]:
-    """Extrapolation weights m_k = (t_k - 1) / t_{k+1}, t_1 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2 (Beck-Teboulle)."""
-    if accel not in ACCELERATIONS:
-        raise ValueError(f"unknown acceleration {accel!r}; allowed: {', '.join(ACCELERATIONS)}")
-    if accel == "none":
-        return [0.0] * iters
-    out, t = [], 1.0
-    for _ in range(iters):
-        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        out.append((t - 1.0) / t_next)
-        t = t_next
-    return out
-
-
-def fast_iters_matching(ista_iters: int, margin: float = 1.25) -> int:
-    """FISTA iterations to reach the objective of ``ista_iters`` published iterations, with a margin.
-
-    Measured (benchmarks/NOTES.md): FISTA needs about 2.7 * sqrt(N) iterations to match N ISTA
-    iterations (18 for 50, 37-38 for 200, on random and real features); 200 -> 48 with margin 1.25.
-    """
-    if ista_iters < 0 or margin <= 0:
-        raise ValueError(f"need ista_iters >= 0 and margin > 0, got {ista_iters}, {margin}")
-    return math.ceil(margin * 2.7 * math.sqrt(ista_iters))
-
-
-FAST_ITERS = fast_iters_matching(200)  # 48 FISTA iterations for the published 200 (benchmarks/NOTES.md)
-
-
-def exact_objective(W, W_hat, H, alpha, group_size=None) -> float:
-    """F(W) of :func:`magr_objective` computed in float64 (never TF32/bf16), whatever the inputs' dtype."""
-    return magr_objective(W.double(), W_hat.double(), H.to(device=W.device, dtype=torch.float64), alpha, group_size)
-
-
-def _row_penalties(W, alpha, group_size) -> torch.Tensor:
-    """alpha * ||w||_inf of every row (summed over its groups), in float64: F(W_hat) row by row."""
-    return alpha * linf_norms(W.double(), group_size).reshape(W.shape[0], -1).sum(dim=1)
-
-
-def _row_objectives(W, W_hat, Hn, alpha, group_size) -> torch.Tensor:
-    """F of every row in float64: 1/2 (w - w_hat) H (w - w_hat)^T + alpha ||w||_inf (rows are independent)."""
-    D = W.double() - W_hat.double()
-    return 0.5 * (D @ Hn.to(device=D.device, dtype=torch.float64) * D).sum(dim=1) + _row_penalties(W, alpha, group_size)
-
-
-def magr_preprocess_fast(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    alpha: float = 1e-3,
-    iters: int = FAST_ITERS,
-    group_size: int | None = None,
-    accel: str = "fista",
-    precision: str = "tf32",
-    lambda_method: str = "lanczos",
-    kernel: str = "auto",
-    normalize: bool = True,
-    dtype: torch.dtype = torch.float32,
-    return_info: bool = False,
-    callback=None,
-    rows: list[int] | None = None,
-):
-    """Fast MagR: minimise the same F as :func:`magr_preprocess` by FISTA with a fused prox step.
-
-    Y_0 = W_0 = W_hat;  W_{k+1} = prox_{alpha||.||_inf}(Y_k - (Y_k - W_hat) H_n),
-    Y_{k+1} = W_{k+1} + m_k (W_{k+1} - W_k)  (m_k from :func:`fista_momenta`; all 0 with accel="none",
-    which is the published iteration), H_n = H / lambda_max(H). Each iteration is one matmul
-    (P H_n with P = Y - W_hat, in ``precision``: "fp32", "tf32", or "bf16" operands with float32
-    accumulation) and one fused pass (:func:`magr.kernels.prox_step_`: sort-free exact threshold).
-    FISTA reaches the objective of 200 plain iterations in far fewer (see benchmarks/). Arguments as in
-    :func:`magr_preprocess`; ``kernel`` picks the prox backend ("auto", "triton", "torch");
-    ``callback(k, W_k)``, if given, sees every iterate (k = 1..iters; for diagnostics, not timing).
-    With ``return_info`` also returns a :class:`MagrInfo` (objectives [F(W_hat), F(result)] in float64), or,
-    given ``rows`` (consecutive row counts summing to out_features), a list of one per block of rows.
-    """
-    from .kernels import prox_step_, resolve_backend
-
-    _check_problem(W, H, alpha, iters)
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if lambda_method not in ("lanczos", "eigh"):
-        raise ValueError(f"unknown lambda_method {lambda_method!r}; allowed: 'lanczos', 'eigh'")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    momenta = fista_momenta(iters, accel)
-    resolve_backend(kernel, W.device)
-    start = time.perf_counter()
-    W_hat = W.to(dtype).contiguous()
-    Hc = H.to(device=W.device, dtype=dtype)
-    lam = lambda_max(Hc, lambda_method)
-    if not torch.isfinite(lam) or lam <= 0:
-        log.warning("lambda_max(H) = %s: MagR leaves the weight unchanged", float(lam))
-        out = W.clone()
-        if not return_info:
-            return out
-        return out, MagrInfo(lambda_max=float(lam)) if rows is None else [MagrInfo(lambda_max=float(lam)) for _ in rows]
-    Hn = Hc / lam
-    prox_t = alpha if normalize else alpha / float(lam)
-    mm_dtype = torch.bfloat16 if precision == "bf16" else dtype
-    Hm = Hn.to(mm_dtype)
-    Wk = W_hat.clone()
-    P = torch.zeros_like(W_hat, dtype=mm_dtype)  # Y_0 - W_hat
-    G = torch.empty_like(P)
-    with matmul_precision(precision):
-        for k, m in enumerate(momenta, start=1):
-            torch.matmul(P, Hm, out=G)
-            prox_step_(W_hat, Wk, P, G, prox_t, m, group_size, backend=kernel)
-            if callback is not None:
-                callback(k, Wk)
-    out = Wk.to(W.dtype)
-    if not return_info:
-        return out
-    # diagnostics in float64, one matmul: F(W_hat) is the penalty alone (W_hat - W_hat = 0)
-    f0, f1 = _row_penalties(W_hat, prox_t, group_size), _row_objectives(Wk, W_hat, Hn, prox_t, group_size)
-    seconds = time.perf_counter() - start
-    split = [W.shape[0]] if rows is None else rows
-    infos = [MagrInfo(objective=[float(a.sum()), float(b.sum())], row_max_before=wb.abs().amax(dim=1).cpu(),
-                      row_max_after=wa.abs().amax(dim=1).cpu(), lambda_max=float(lam), seconds=seconds)
-             for a, b, wb, wa in zip(*(torch.split(x, split, dim=0) for x in (f0, f1, W_hat, Wk)))]
-    return out, infos[0] if rows is None else infos
-
-
-def magr_preprocess_group(weights, H: torch.Tensor, alpha: float = 1e-3, path: str = "fast",
-                          return_info: bool = False, **options):
-    """MagR on layers that share one input and so one H (q/k/v; gate/up); returns one weight per layer.
-
-    ``path="fast"`` stacks the rows into one matrix for :func:`magr_preprocess_fast` (rows are
-    independent problems, so this equals one call per layer); ``path="reference"`` runs
-    :func:`magr_preprocess` (the published algorithm) on each layer. ``options`` go to that function.
-    With ``return_info`` also returns one :class:`MagrInfo` per layer (fast path: objectives
-    [F(W_hat), F(result)] of that layer's rows).
-    """
-    weights = list(weights)
-    if not weights:
-        raise ValueError("weights is empty: give at least one (out x in) weight")
-    if path not in ("fast", "reference"):
-        raise ValueError(f"unknown path {path!r}; allowed: 'fast', 'reference'")
-    if path == "reference":
-        results = [magr_preprocess(w, H, alpha, return_info=return_info, **options) for w in weights]
-        if not return_info:
-            return results
-        return [r[0] for r in results], [r[1] for r in results]
-    widths = {w.shape[1] for w in weights if w.dim() == 2}
-    if len(widths) != 1 or any(w.dim() != 2 for w in weights):
-        raise ValueError(f"weights must be 2-D with one input width, got shapes {[tuple(w.shape) for w in weights]}")
-    rows = [w.shape[0] for w in weights]
-    stacked = torch.cat([w.to(weights[0].dtype) for w in weights], dim=0)
-    result = magr_preprocess_fast(stacked, H, alpha, return_info=return_info, rows=rows, **options)
-    out, infos = result if return_info else (result, None)
-    parts = [p.to(w.dtype) for p, w in zip(torch.split(out, rows, dim=0), weights)]
-    del stacked, out
-    return (parts, infos) if return_info else parts

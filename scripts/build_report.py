@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from magr.analysis import machine_info, markdown_table
+from magr.machine import machine_info
 
 SECTIONS = [
     ("Figure 1: weight magnitudes before and after MagR", "fig1_row_max.md",
@@ -45,14 +45,13 @@ def _strip_title(md: str) -> str:
 
 
 def settings_table(params: dict) -> str:
-    ev = params.get("eval", {})
-    zs = params.get("zeroshot", {})
+    cal, ev, zs = params.get("calibration", {}), params.get("evaluation", {}), params.get("zeroshot", {})
     rows = [
         ("profile", params.get("profile")),
         ("model", f"{params['prepare']['source']} (saved as {params['model']}, {params['prepare']['dtype']})"),
         ("device", params.get("device")),
-        ("calibration", "{nsamples} windows x {seqlen} tokens of {source}, seed {seed}".format(**params["calib"])),
-        ("perplexity", f"sets {ev.get('sets')}; " + ", ".join(f"{k} {v}" for k, v in ev.get("flags", {}).items())),
+        ("calibration", "{nsamples} windows x {seqlen} tokens of {calib}, seed {seed}".format(**cal)),
+        ("perplexity", ", ".join(f"{k} {v}" for k, v in ev.items())),
         ("quantize (all cells)", ", ".join(f"{k} {v}" for k, v in params.get("quant", {}).items())),
         ("cells", ", ".join(params.get("cells", {}))),
         ("zero-shot", f"{zs.get('tasks')} on float + {', '.join(zs.get('cells', []))}; "
@@ -66,7 +65,8 @@ def metrics(reports: Path) -> dict:
     t2 = reports / "table2_perplexity.csv"
     if t2.is_file():
         df = pd.read_csv(t2)
-        sets = [c for c in df.columns if c not in ("setting", "method", "bits", "group") and not c.startswith("paper")]
+        sets = [c for c in df.columns
+                if c not in ("setting", "method", "bits", "group", "CD passes") and not c.startswith("paper")]
         out["ppl"] = {f"{s} {m}" if s != "float" else "float": {k: round(float(r[k]), 4) for k in sets}
                       for s, m, (_, r) in zip(df["setting"], df["method"], df.iterrows())}
     t3 = reports / "table3_zeroshot.csv"

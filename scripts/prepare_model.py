@@ -8,7 +8,6 @@ tokenizer once; every later stage loads the saved folder, which is much faster.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "magr_source.json").write_text(json.dumps({"source": args.source, "dtype": args.dtype}, indent=2))
     logging.getLogger("prepare").info("saved %s (%s) to %s", args.source, args.dtype, out)
     return 0
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magr.optq import optq
+from magr.optq import OPTQ
 from magr.projection import project_l1_ball, prox_linf
-from magr.quantizers import cd_objective, cd_refine, rtn
-from magr.solver import magr_preprocess
+from magr.quantizers import Grid, rtn
+from magr.refinement import CD, cd_objective, cd_refine
+from magr.solver import magr_ista
+
+DAMP, EPS = CD.damp, CD.eps
 
 pytestmark = [
     pytest.mark.cuda,
@@ -69,15 +72,15 @@ def test_magr_cuda_matches_cpu(projection, group_size, alpha):
     W, H, _ = problem(2)
     kwargs = dict(alpha=alpha, iters=100, group_size=group_size, projection=projection,
                   dtype=torch.float64, return_info=True)
-    cpu, info_cpu = magr_preprocess(W.double(), H.double(), **kwargs)
-    gpu, info_gpu = magr_preprocess(W.double().to(CUDA), H.double().to(CUDA), **kwargs)
+    cpu, info_cpu = magr_ista(W.double(), H.double(), **kwargs)
+    gpu, info_gpu = magr_ista(W.double().to(CUDA), H.double().to(CUDA), **kwargs)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.tensor(info_gpu.objective), torch.tensor(info_cpu.objective),
                                rtol=1e-9, atol=0)
     # float32 on the GPU: same result up to float32 rounding
-    gpu32 = magr_preprocess(W.to(CUDA), H.to(CUDA), alpha=alpha, iters=100, group_size=group_size,
-                            projection=projection)
+    gpu32 = magr_ista(W.to(CUDA), H.to(CUDA), alpha=alpha, iters=100, group_size=group_size,
+                      projection=projection)
     torch.testing.assert_close(gpu32.cpu(), cpu.float(), rtol=1e-4, atol=1e-5)
 
 
@@ -87,9 +90,9 @@ def test_magr_cuda_matches_cpu(projection, group_size, alpha):
 ])
 def test_optq_cuda_matches_cpu(bits, group_size, actorder, static_groups):
     W, H, X = problem(3 + bits)
-    kwargs = dict(group_size=group_size, actorder=actorder, static_groups=static_groups, blocksize=64)
-    cpu = optq(W, H, bits, **kwargs)
-    gpu = optq(W.to(CUDA), H.to(CUDA), bits, **kwargs)
+    step, grid = OPTQ(blocksize=64, actorder=actorder, static_groups=static_groups), Grid(bits, group_size)
+    cpu, _ = step(W, H, grid)
+    gpu, _ = step(W.to(CUDA), H.to(CUDA), grid)
     assert gpu.device.type == "cuda"
     # Rounding decisions may flip where float32 arithmetic differs in the last bit; they must be rare
     # and leave the layer loss unchanged.
@@ -101,12 +104,12 @@ def test_optq_cuda_matches_cpu(bits, group_size, actorder, static_groups):
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_cd_refine_cuda_matches_cpu(group_size):
     W, H, _ = problem(9)
-    Q, p = rtn(W, 2, group_size, beta=0.8, return_params=True)
-    cpu = cd_refine(Q, W, H, p, passes=3)
+    Q, p = rtn(W, Grid(2, group_size, beta=0.8))
+    cpu = cd_refine(Q, W, H, p, 3, DAMP, EPS)
     p_gpu = type(p)(p.scale.to(CUDA), p.zero.to(CUDA), p.maxq, p.g_idx.to(CUDA))
-    gpu = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, passes=3)
+    gpu = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 3, DAMP, EPS)
     assert gpu.device.type == "cuda"
     mismatch = ((gpu.cpu() - cpu).abs() > 1e-5).float().mean().item()
     assert mismatch <= 1e-3, f"{mismatch:.2%} of entries differ"
-    assert cd_objective(gpu.cpu(), W, H) == pytest.approx(cd_objective(cpu, W, H), rel=1e-4)
-    assert cd_objective(gpu.cpu(), W, H) <= cd_objective(Q, W, H)
+    assert cd_objective(gpu.cpu(), W, H, DAMP, EPS) == pytest.approx(cd_objective(cpu, W, H, DAMP, EPS), rel=1e-4)
+    assert cd_objective(gpu.cpu(), W, H, DAMP, EPS) <= cd_objective(Q, W, H, DAMP, EPS)

@@ -11,15 +11,9 @@ from hypothesis import strategies as st
 from magr import kernels
 from magr.kernels import linf_threshold_from_max, prox_step_
 from magr.projection import l1_threshold, prox_linf
-from magr.solver import (
-    exact_objective,
-    fast_iters_matching,
-    fista_momenta,
-    lambda_max_lanczos,
-    magr_preprocess,
-    magr_preprocess_fast,
-    magr_preprocess_group,
-)
+from magr.fista import fast_iters_matching, fista_momenta, magr_fista
+from magr.preprocessing import MagR
+from magr.solver import exact_objective, lambda_max_lanczos, magr_ista
 
 
 def problem(seed: int, out: int = 48, n: int = 96, tokens: int = 64, heavy: bool = False):
@@ -115,8 +109,8 @@ def test_fista_momenta():
 def test_fast_without_acceleration_is_the_published_iteration(group_size):
     W, H = problem(0)
     alpha = 1e-3 if group_size is None else 1e-4
-    ref = magr_preprocess(W, H, alpha, iters=60, group_size=group_size, projection="sort")
-    fast = magr_preprocess_fast(W, H, alpha, iters=60, group_size=group_size, accel="none", precision="fp32",
+    ref = magr_ista(W, H, alpha, iters=60, group_size=group_size, projection="sort")
+    fast = magr_fista(W, H, alpha, iters=60, group_size=group_size, accel="none", precision="fp32",
                                 lambda_method="eigh")
     assert torch.allclose(fast, ref, atol=1e-6)
     assert not torch.allclose(fast, W, atol=1e-4)  # it did move
@@ -126,10 +120,10 @@ def test_fast_without_acceleration_is_the_published_iteration(group_size):
 def test_fista_reaches_ista_objective_in_fewer_iterations(heavy, ista_iters):
     W, H = problem(1, heavy=heavy)
     Hn = H.double() / torch.linalg.eigvalsh(H.double()).max()
-    ref = magr_preprocess(W, H, 1e-3, iters=ista_iters, projection="sort")
+    ref = magr_ista(W, H, 1e-3, iters=ista_iters, projection="sort")
     k = fast_iters_matching(ista_iters)
     assert k < ista_iters / 2
-    fast = magr_preprocess_fast(W, H, 1e-3, iters=k, precision="fp32")
+    fast = magr_fista(W, H, 1e-3, iters=k, precision="fp32")
     F_ref = exact_objective(ref, W, Hn, 1e-3)
     F_fast = exact_objective(fast, W, Hn, 1e-3)
     F_start = exact_objective(W, W, Hn, 1e-3)
@@ -140,8 +134,8 @@ def test_fista_reaches_ista_objective_in_fewer_iterations(heavy, ista_iters):
 def test_bf16_matmuls_change_the_objective_little():
     W, H = problem(2)
     Hn = H.double() / torch.linalg.eigvalsh(H.double()).max()
-    f32 = magr_preprocess_fast(W, H, 1e-3, iters=40, precision="fp32")
-    b16 = magr_preprocess_fast(W, H, 1e-3, iters=40, precision="bf16")
+    f32 = magr_fista(W, H, 1e-3, iters=40, precision="fp32")
+    b16 = magr_fista(W, H, 1e-3, iters=40, precision="bf16")
     F32, F16 = exact_objective(f32, W, Hn, 1e-3), exact_objective(b16, W, Hn, 1e-3)
     assert abs(F16 / F32 - 1) < 2e-2
     assert b16.dtype == W.dtype
@@ -150,7 +144,7 @@ def test_bf16_matmuls_change_the_objective_little():
 def test_info_and_callback():
     W, H = problem(4)
     seen = []
-    out, info = magr_preprocess_fast(W, H, 1e-3, iters=12, return_info=True,
+    out, info = magr_fista(W, H, 1e-3, iters=12, return_info=True,
                                      callback=lambda k, Wk: seen.append((k, Wk.clone())))
     assert [k for k, _ in seen] == list(range(1, 13))
     assert torch.equal(seen[-1][1], out)
@@ -161,49 +155,59 @@ def test_info_and_callback():
     assert torch.all(info.row_max_after <= info.row_max_before + 1e-7)
 
 
-def test_group_equals_one_call_per_layer():
+class _Stats:
+    """Calibration statistics with the same X for MagR's features and OPTQ's H."""
+
+    def __init__(self, H):
+        self.H = self.H_last = H
+
+
+def test_magr_step_on_layers_sharing_an_input_equals_one_call_per_layer():
     W, H = problem(5, out=60)
     parts = [W[:20], W[20:45], W[45:].double()]
-    grouped = magr_preprocess_group(parts, H, 1e-3, iters=30, precision="fp32")
+    grouped, infos = MagR(alpha=1e-3, iters=30).apply(parts, _Stats(H))
+    assert len(infos) == 3 and all(i.objective[-1] < i.objective[0] for i in infos)
     for p, g in zip(parts, grouped):
-        single = magr_preprocess_fast(p, H, 1e-3, iters=30, precision="fp32")
+        single = magr_fista(p, H, 1e-3, 30)
         assert g.shape == p.shape and g.dtype == p.dtype
         assert torch.allclose(g.double(), single.double(), atol=1e-6)
+        torch.testing.assert_close(MagR(alpha=1e-3, iters=30)(p, H), single)
 
 
-def test_group_reference_path_and_infos():
+def test_magr_step_with_the_published_solver_and_infos():
     W, H = problem(6)
     parts = [W[:16], W[16:]]
-    ref = magr_preprocess_group(parts, H, 1e-3, path="reference", iters=20)
+    ref, infos = MagR(alpha=1e-3, iters=20, solver="ista").apply(parts, _Stats(H))
     for p, r in zip(parts, ref):
-        assert torch.equal(r, magr_preprocess(p, H, 1e-3, iters=20))
-    out, infos = magr_preprocess_group(parts, H, 1e-3, iters=20, return_info=True)
+        assert torch.equal(r, magr_ista(p, H, 1e-3, 20))
     assert len(infos) == 2 and all(i.objective[-1] < i.objective[0] for i in infos)
+    assert MagR().for_group(None).iters == 48 and MagR(solver="ista").for_group(None).iters == 200
+    assert MagR().for_group(None).alpha == 1e-3 and MagR().for_group(64).alpha == 1e-4
 
 
 def test_fast_rejects_bad_input():
     W, H = problem(7)
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
-        magr_preprocess_fast(W, H, precision="fp16")
+        magr_fista(W, H, 1e-3, 10, precision="fp16")
     with pytest.raises(ValueError, match="unknown acceleration 'heavy-ball'"):
-        magr_preprocess_fast(W, H, accel="heavy-ball")
+        magr_fista(W, H, 1e-3, 10, accel="heavy-ball")
     with pytest.raises(ValueError, match="unknown lambda_method 'power'"):
-        magr_preprocess_fast(W, H, lambda_method="power")
+        magr_fista(W, H, 1e-3, 10, lambda_method="power")
     with pytest.raises(ValueError, match=r"H \(in x in\)"):
-        magr_preprocess_fast(W, H[:5, :5])
+        magr_fista(W, H[:5, :5], 1e-3, 10)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
-        magr_preprocess_fast(W, H, alpha=-1.0)
-    with pytest.raises(ValueError, match="weights is empty"):
-        magr_preprocess_group([], H)
+        magr_fista(W, H, -1.0, 10)
     with pytest.raises(ValueError, match="one input width"):
-        magr_preprocess_group([W, W[:, :10]], H)
-    with pytest.raises(ValueError, match="unknown path 'slow'"):
-        magr_preprocess_group([W], H, path="slow")
+        MagR().apply([], _Stats(H))
+    with pytest.raises(ValueError, match="one input width"):
+        MagR().apply([W, W[:, :10]], _Stats(H))
+    with pytest.raises(ValueError, match="solver='slow' is not allowed"):
+        MagR(solver="slow")
 
 
 def test_zero_H_leaves_weight_unchanged():
     W, _ = problem(8)
-    out = magr_preprocess_fast(W, torch.zeros(W.shape[1], W.shape[1]), iters=5)
+    out = magr_fista(W, torch.zeros(W.shape[1], W.shape[1]), 1e-3, 5)
     assert torch.equal(out, W)
 
 
@@ -243,8 +247,8 @@ def test_triton_step_matches_torch_step(shape, group_size, p_dtype):
 def test_fast_on_cuda_matches_cpu_reference():
     W, H = problem(9, out=256, n=512, tokens=256)
     before = torch.get_float32_matmul_precision()
-    ref = magr_preprocess(W, H, 1e-3, iters=50, projection="sort")
-    fast = magr_preprocess_fast(W.cuda(), H.cuda(), 1e-3, iters=50, accel="none", precision="fp32",
+    ref = magr_ista(W, H, 1e-3, iters=50, projection="sort")
+    fast = magr_fista(W.cuda(), H.cuda(), 1e-3, iters=50, accel="none", precision="fp32",
                                 kernel="triton")
     assert torch.get_float32_matmul_precision() == before
     assert fast.device.type == "cuda"
@@ -256,10 +260,8 @@ def test_fast_on_cuda_matches_cpu_reference():
 def test_fista_on_cuda_reaches_ista_objective(precision):
     W, H = problem(10, out=512, n=1024, tokens=512)
     Hn = H.double() / torch.linalg.eigvalsh(H.double()).max()
-    ref = magr_preprocess(W.cuda(), H.cuda(), 1e-3, iters=200, projection="sort").cpu()
-    parts = magr_preprocess_group([W[:200].cuda(), W[200:].cuda()], H.cuda(), 1e-3, iters=64,
-                                  precision=precision)
-    fast = torch.cat(parts).cpu()
+    ref = magr_ista(W.cuda(), H.cuda(), 1e-3, iters=200, projection="sort").cpu()
+    fast = magr_fista(W.cuda(), H.cuda(), 1e-3, 64, precision=precision, rows=[200, W.shape[0] - 200]).cpu()
     assert exact_objective(fast, W, Hn, 1e-3) <= exact_objective(ref, W, Hn, 1e-3) * 1.001
 
 

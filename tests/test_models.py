@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from magr import models
-from magr.models import SUPPORTED_ARCHITECTURES, SentencePieceTokenizer, check_architecture, load_model, shared_root
+from magr.models import SUPPORTED_ARCHITECTURES, check_architecture, load_model, shared_root
+from magr.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -86,7 +87,7 @@ def test_tokenizer_no_bos_option(shared):
 
 def test_tokenizer_save_and_reload(stories_tokenizer, tmp_path):
     stories_tokenizer.save_pretrained(tmp_path)
-    again = models.load_tokenizer(str(tmp_path))  # a saved folder is recognised as ours
+    again = load_tokenizer(str(tmp_path))  # a saved folder is recognised as ours
     assert isinstance(again, SentencePieceTokenizer)
     assert again("Once upon a time,")["input_ids"] == stories_tokenizer("Once upon a time,")["input_ids"]
 

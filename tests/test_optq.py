@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magr.optq import optq
-from magr.quantizers import rtn
+from magr.optq import OPTQ
+from magr.quantizers import Grid, rtn
+
+
+def optq(W, H, bits=4, group_size=None, beta=1.0, blocksize=128, percdamp=0.01, actorder=False,
+         static_groups=False, return_params=False):
+    """The OPTQ step built from these settings (the test's shorthand)."""
+    Q, p = OPTQ(percdamp, blocksize, actorder, static_groups)(W, H, Grid(bits, group_size, beta=beta))
+    return (Q, p) if return_params else Q
 
 
 def correlated_inputs(seed: int, n: int, tokens: int = 512, dead=()) -> torch.Tensor:
@@ -113,7 +120,7 @@ def test_layer_loss_below_rtn(bits, group_size, actorder, static_groups):
     H = X.T @ X
     Q = optq(W, H, bits, group_size, actorder=actorder, static_groups=static_groups, blocksize=16)
     loss_optq = layer_loss(X, Q, W)
-    loss_rtn = layer_loss(X, rtn(W, bits, group_size), W)
+    loss_rtn = layer_loss(X, rtn(W, Grid(bits, group_size))[0], W)
     assert loss_optq < loss_rtn, f"OPTQ {loss_optq:.4g} >= RTN {loss_rtn:.4g}"
 
 
@@ -146,7 +153,7 @@ def test_dead_inputs(group_size, actorder, static_groups):
     assert torch.all(Q[:, list(dead)] == 0)
     ref = ref_optq(W, H, 3, group_size, actorder=actorder, static_groups=static_groups)
     assert rel_diff(Q, ref) <= 1e-5
-    assert layer_loss(X, Q, W) < layer_loss(X, rtn(W, 3, group_size), W)
+    assert layer_loss(X, Q, W) < layer_loss(X, rtn(W, Grid(3, group_size))[0], W)
 
 
 def test_all_inputs_dead_gives_zero_weight():
@@ -174,7 +181,8 @@ def test_singular_hessian_without_damping_still_works():
 
 @pytest.mark.parametrize("kwargs,words", [
     (dict(H=torch.eye(5)), ["(5, 5)", "(4, 16)"]),
-    (dict(percdamp=-0.1), ["-0.1"]),
+    (dict(percdamp=-0.1), ["percdamp=-0.1"]),
+    (dict(blocksize=0), ["blocksize=0"]),
     (dict(bits=5), ["bits=5"]),
     (dict(group_size=5), ["5", "16"]),
     (dict(beta=1.2), ["beta=1.2"]),

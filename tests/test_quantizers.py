@@ -1,4 +1,4 @@
-"""Uniform quantizer grids, RTN and coordinate-descent refinement (magr.quantizers).
+"""Uniform quantizer grids and RTN (magr.quantizers).
 
 Grids are re-derived here from the documented formula with numpy float64, one row / group at a time:
 xmin = min(min w, 0), xmax = max(max w, 0), delta = beta * (xmax - xmin) / (2^b - 1),
@@ -12,17 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr.quantizers import (
-    QuantParams,
-    Quantizer,
-    cd_covariance,
-    cd_objective,
-    cd_refine,
-    default_beta,
-    quantize,
-    quantize_codes,
-    rtn,
-)
+from magr.quantizers import Grid, QuantParams, default_beta, quantize, quantize_codes, rtn
 
 BITS = (2, 3, 4, 8)
 
@@ -67,7 +57,7 @@ def assert_on_grid(Q: torch.Tensor, p: QuantParams) -> torch.Tensor:
 @pytest.mark.parametrize("beta", [1.0, 0.8])
 def test_rtn_grid_matches_formula_and_is_nearest(bits, group_size, sym, beta):
     W = random_weight(bits)
-    Q, p = rtn(W, bits, group_size, sym, beta, return_params=True)
+    Q, p = rtn(W, Grid(bits, group_size, sym, beta))
     out, n = W.shape
     g = group_size or n
     assert p.maxq == 2**bits - 1
@@ -91,20 +81,20 @@ def test_rtn_grid_matches_formula_and_is_nearest(bits, group_size, sym, beta):
 @pytest.mark.parametrize("bits", BITS)
 def test_beta_shrinks_the_step(bits):
     W = random_weight(10 + bits)
-    _, p1 = rtn(W, bits, return_params=True)
+    _, p1 = rtn(W, Grid(bits))
     for beta in (0.95, 0.9, 0.8, 0.5):
-        _, pb = rtn(W, bits, beta=beta, return_params=True)
+        _, pb = rtn(W, Grid(bits, beta=beta))
         torch.testing.assert_close(pb.scale, beta * p1.scale, rtol=1e-6, atol=0)
         torch.testing.assert_close(pb.zero, torch.round(-W.amin(dim=1, keepdim=True).clamp(max=0) / pb.scale))
     # beta < 1 clips the largest weight of a row: the top grid point lies below it
-    Q = rtn(W, bits, beta=0.8)
+    Q, _ = rtn(W, Grid(bits, beta=0.8))
     top = W.amax(dim=1)
     assert torch.all(Q.amax(dim=1)[top > 0] < top[top > 0])
 
 
 def test_symmetric_grid():
     W = torch.tensor([[-3.0, 1.0, 0.5, 2.0], [1.0, -0.5, 0.25, 4.0]])
-    Q, p = rtn(W, 4, sym=True, return_params=True)
+    Q, p = rtn(W, Grid(4, sym=True))
     assert torch.all(p.zero == 8)
     torch.testing.assert_close(p.scale[:, 0], torch.tensor([6.0 / 15, 8.0 / 15]))
     assert_on_grid(Q, p)
@@ -112,14 +102,14 @@ def test_symmetric_grid():
 
 def test_flat_rows_quantize_to_zero():
     W = torch.zeros(3, 8)
-    Q, p = rtn(W, 3, return_params=True)
+    Q, p = rtn(W, Grid(3))
     assert torch.equal(Q, W)
     assert torch.all(torch.isfinite(p.scale)) and torch.all(p.scale > 0)
 
 
 def test_codes_and_dequantization_agree():
     W = random_weight(20)
-    _, p = rtn(W, 3, group_size=8, return_params=True)
+    _, p = rtn(W, Grid(3, group_size=8))
     scale, zero = p.columns()
     codes = quantize_codes(W, scale, zero, p.maxq)
     assert codes.dtype == torch.int32 and codes.min() >= 0 and codes.max() <= 7
@@ -128,8 +118,8 @@ def test_codes_and_dequantization_agree():
 
 def test_per_group_grid_is_the_grid_of_each_reshaped_group():
     W = random_weight(21, n=48)
-    Qg, pg = rtn(W, 3, group_size=16, return_params=True)
-    Qr, pr = rtn(W.reshape(-1, 16), 3, return_params=True)
+    Qg, pg = rtn(W, Grid(3, group_size=16))
+    Qr, pr = rtn(W.reshape(-1, 16), Grid(3))
     assert torch.equal(Qg, Qr.reshape(W.shape))
     assert torch.equal(pg.scale.reshape(-1), pr.scale.reshape(-1))
 
@@ -141,7 +131,7 @@ def test_rtn_outputs_on_grid_property(seed, bits, groups, g, sym, beta):
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(5, groups * g, generator=gen) * torch.randn(5, 1, generator=gen).exp()
     for group_size in (None, g):
-        Q, p = rtn(W, bits, group_size, sym, beta, return_params=True)
+        Q, p = rtn(W, Grid(bits, group_size, sym, beta))
         assert torch.all(torch.isfinite(Q))
         assert_on_grid(Q, p)
 
@@ -153,14 +143,14 @@ def test_rtn_outputs_on_grid_property(seed, bits, groups, g, sym, beta):
 ])
 def test_bad_quantizer_settings_raise_value_error(kwargs, value):
     with pytest.raises(ValueError) as err:
-        Quantizer(**kwargs)
+        Grid(**kwargs)
     name = next(iter(kwargs))
     assert f"{name}={value}" in str(err.value)
 
 
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError) as err:
-        rtn(torch.randn(4, 24), 4, group_size=7)
+        rtn(torch.randn(4, 24), Grid(4, group_size=7))
     assert "7" in str(err.value) and "24" in str(err.value)
 
 
@@ -168,81 +158,3 @@ def test_default_beta():
     assert default_beta(2) == 0.8 and default_beta(3) == 0.9 and default_beta(4) == 1.0
     assert default_beta(2, 128) == 0.95 and default_beta(3, 128) == 0.95
     assert default_beta(2, 64) == 1.0 and default_beta(4, 128) == 1.0
-
-
-# ----------------------------------------------------------------------------- coordinate descent
-def cd_problem(seed: int, out: int = 8, n: int = 40, bits: int = 2, group_size: int | None = 8):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(200, n, generator=g) @ torch.randn(n, n, generator=g) + torch.randn(n, generator=g)
-    W = torch.randn(out, n, generator=g)
-    Q, p = rtn(W, bits, group_size=group_size, beta=default_beta(bits), return_params=True)
-    return W, X.T @ X, Q, p
-
-
-def naive_cd(Q, W, S, p, passes, damp=0.75, eps=0.1):
-    """Column-by-column refinement in float64, straight from the definition (no blocks)."""
-    S = S.double()
-    Sd = S + damp * torch.diagonal(S).mean() * torch.eye(S.shape[0], dtype=S.dtype)
-    N = Sd / (torch.diagonal(Sd) + eps).unsqueeze(0)
-    P = W.double() @ N
-    Q = Q.double().clone()
-    scale, zero = (t.double() for t in p.columns())
-    for _ in range(passes):
-        for j in range(W.shape[1]):
-            others = Q @ N[:, j] - Q[:, j] * N[j, j]
-            target = P[:, j] - others
-            Q[:, j] = scale[:, j] * (torch.clamp(torch.round(target / scale[:, j]) + zero[:, j], 0, p.maxq)
-                                     - zero[:, j])
-    return Q
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("group_size", [None, 8])
-def test_cd_never_increases_its_objective(bits, group_size):
-    W, S, Q, p = cd_problem(bits, bits=bits, group_size=group_size)
-    history = [cd_objective(Q, W, S)]
-    for _ in range(8):
-        Q = cd_refine(Q, W, S, p, passes=1, block_size=16)
-        assert_on_grid(Q, p)
-        history.append(cd_objective(Q, W, S))
-    steps = np.diff(history)
-    assert steps.max() <= 1e-6 * history[0], f"objective rose by {steps.max():.3g}: {history}"
-    assert history[-1] < history[0]
-
-
-@pytest.mark.parametrize("block_size", [1, 7, 16, 128])
-@pytest.mark.parametrize("group_size", [None, 8])
-def test_blocked_cd_equals_column_loop(block_size, group_size):
-    W, S, Q0, p = cd_problem(11, group_size=group_size)
-    ref = naive_cd(Q0, W, S, p, passes=3)
-    got = cd_refine(Q0, W, S, p, passes=3, block_size=block_size)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
-    # several passes equal repeated single passes
-    again = Q0
-    for _ in range(3):
-        again = cd_refine(again, W, S, p, passes=1, block_size=block_size)
-    torch.testing.assert_close(again, got, rtol=0, atol=0)
-
-
-def test_cd_column_step_is_the_exact_grid_minimiser():
-    """After a pass, re-running only column j cannot improve: each column update minimised the
-    objective over its grid given the others (checked against all 2^b candidates per entry)."""
-    W, S, Q0, p = cd_problem(12, out=3, n=8, bits=2, group_size=None)
-    Q = cd_refine(Q0, W, S, p, passes=1)
-    j = W.shape[1] - 1  # the last column saw the final values of all others
-    scale, zero = p.columns()
-    base = cd_objective(Q, W, S)
-    for i in range(W.shape[0]):
-        for level in range(p.maxq + 1):
-            C = Q.clone()
-            C[i, j] = scale[i, j] * (level - zero[i, j])
-            assert cd_objective(C, W, S) >= base - 1e-9 * abs(base)
-
-
-def test_cd_covariance_formula():
-    S = torch.tensor([[4.0, 1.0], [1.0, 2.0]])
-    N = cd_covariance(S, damp=0.5, eps=0.1)
-    Sd = S + 0.5 * 3.0 * torch.eye(2)
-    expected = Sd / (torch.diagonal(Sd) + 0.1).unsqueeze(0)
-    torch.testing.assert_close(N, expected.double())

@@ -1,4 +1,4 @@
-"""MagR proximal-gradient solver (magr.solver): monotone objective, magnitude reduction, limits."""
+"""MagR's published algorithm (magr.solver.magr_ista): monotone objective, magnitude reduction, limits."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from magr.projection import linf_norms
-from magr.solver import MagrInfo, lambda_max, magr_objective, magr_preprocess
+from magr.solver import MagrInfo, lambda_max, magr_ista, magr_objective
 
 
 def correlated_problem(seed: int, out: int = 16, n: int = 32, tokens: int = 128, dtype=torch.float64):
@@ -41,7 +41,7 @@ def relative_output_change(X, W, W_new) -> float:
 def test_objective_never_increases_float64(projection, group_size, normalize):
     W, H, _ = correlated_problem(0)
     alpha = (1e-3 if group_size is None else 1e-4) * (1.0 if normalize else float(lambda_max(H)))
-    W_new, info = magr_preprocess(W, H, alpha=alpha, iters=60, group_size=group_size,
+    W_new, info = magr_ista(W, H, alpha=alpha, iters=60, group_size=group_size,
                                   projection=projection, normalize=normalize, dtype=torch.float64,
                                   return_info=True)
     obj = np.array(info.objective)
@@ -59,7 +59,7 @@ def test_objective_never_increases_float64(projection, group_size, normalize):
 def test_objective_never_increases_float32(group_size):
     W, H, _ = correlated_problem(1, dtype=torch.float32)
     alpha = 1e-3 if group_size is None else 1e-4
-    W_new, info = magr_preprocess(W, H, alpha=alpha, iters=60, group_size=group_size, return_info=True)
+    W_new, info = magr_ista(W, H, alpha=alpha, iters=60, group_size=group_size, return_info=True)
     assert W_new.dtype == torch.float32
     obj = np.array(info.objective)
     assert np.diff(obj).max() <= 1e-5 * obj[0]
@@ -70,7 +70,7 @@ def test_rank_deficient_features_reduce_magnitudes_and_keep_outputs():
     """Acceptance check (issue 2, item 3): per-row max |w| falls, the layer output barely moves."""
     W, X = rank_deficient_problem()
     assert int(torch.linalg.matrix_rank(X)) == 64
-    W_new, info = magr_preprocess(W, X.T @ X, alpha=1e-3, iters=200, return_info=True)
+    W_new, info = magr_ista(W, X.T @ X, alpha=1e-3, iters=200, return_info=True)
     ratio = info.row_max_after / info.row_max_before
     torch.testing.assert_close(info.row_max_before, W.abs().amax(dim=1))
     torch.testing.assert_close(info.row_max_after, W_new.abs().amax(dim=1))
@@ -88,7 +88,7 @@ def test_rank_deficient_features_reduce_magnitudes_and_keep_outputs():
 def test_rank_deficient_features_group_form():
     W, X = rank_deficient_problem(1)
     g = 32
-    W_new, info = magr_preprocess(W, X.T @ X, alpha=1e-4, iters=100, group_size=g, return_info=True)
+    W_new, info = magr_ista(W, X.T @ X, alpha=1e-4, iters=100, group_size=g, return_info=True)
     ratio = linf_norms(W_new, g) / linf_norms(W, g)
     rel = relative_output_change(X, W, W_new)
     print(f"\n[MagR rank-deficient, g{g}] mean per-group max|w| after/before = {ratio.mean():.4f}; "
@@ -100,8 +100,8 @@ def test_rank_deficient_features_group_form():
 
 def test_alpha_zero_leaves_weight_unchanged():
     W, H, _ = correlated_problem(2, dtype=torch.float32)
-    assert torch.equal(magr_preprocess(W, H, alpha=0.0, iters=50), W)
-    assert torch.equal(magr_preprocess(W, H, alpha=0.0, iters=50, group_size=8), W)
+    assert torch.equal(magr_ista(W, H, alpha=0.0, iters=50), W)
+    assert torch.equal(magr_ista(W, H, alpha=0.0, iters=50, group_size=8), W)
 
 
 @pytest.mark.parametrize("alpha", [1e-6, 1e-9, 1e-12])
@@ -110,21 +110,21 @@ def test_small_alpha_moves_weight_at_most_iters_times_alpha(alpha):
     ||w_row - w_hat_row||_2 <= iters * alpha: alpha -> 0 gives back W."""
     W, H, _ = correlated_problem(3)
     iters = 40
-    W_new = magr_preprocess(W, H, alpha=alpha, iters=iters, dtype=torch.float64)
+    W_new = magr_ista(W, H, alpha=alpha, iters=iters, dtype=torch.float64)
     assert (W_new - W).norm(dim=1).max() <= iters * alpha * (1 + 1e-9)
 
 
 def test_group_size_equal_to_row_length_is_per_channel():
     W, H, _ = correlated_problem(4)
-    a = magr_preprocess(W, H, alpha=1e-3, iters=30, dtype=torch.float64)
-    b = magr_preprocess(W, H, alpha=1e-3, iters=30, group_size=W.shape[1], dtype=torch.float64)
+    a = magr_ista(W, H, alpha=1e-3, iters=30, dtype=torch.float64)
+    b = magr_ista(W, H, alpha=1e-3, iters=30, group_size=W.shape[1], dtype=torch.float64)
     assert torch.equal(a, b)
 
 
 def test_sort_and_newton_projections_agree():
     W, H, _ = correlated_problem(5)
-    a = magr_preprocess(W, H, alpha=1e-3, iters=50, projection="sort", dtype=torch.float64)
-    b = magr_preprocess(W, H, alpha=1e-3, iters=50, projection="newton", dtype=torch.float64)
+    a = magr_ista(W, H, alpha=1e-3, iters=50, projection="sort", dtype=torch.float64)
+    b = magr_ista(W, H, alpha=1e-3, iters=50, projection="newton", dtype=torch.float64)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -132,15 +132,15 @@ def test_normalize_false_with_scaled_alpha_is_the_published_convention():
     """alpha is relative to H / lambda_max(H): absolute alpha * lambda_max gives the same iterates."""
     W, H, _ = correlated_problem(6)
     lam = float(lambda_max(H))
-    a = magr_preprocess(W, H, alpha=1e-3, iters=30, dtype=torch.float64)
-    b = magr_preprocess(W, H, alpha=1e-3 * lam, iters=30, normalize=False, dtype=torch.float64)
+    a = magr_ista(W, H, alpha=1e-3, iters=30, dtype=torch.float64)
+    b = magr_ista(W, H, alpha=1e-3 * lam, iters=30, normalize=False, dtype=torch.float64)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_result_is_a_fixed_point_after_convergence():
     """At a minimiser, one more proximal step changes nothing (objective flat at the end)."""
     W, H, _ = correlated_problem(7, n=16, out=4)
-    W1, info = magr_preprocess(W, H, alpha=1e-2, iters=3000, dtype=torch.float64, return_info=True)
+    W1, info = magr_ista(W, H, alpha=1e-2, iters=3000, dtype=torch.float64, return_info=True)
     obj = np.array(info.objective)
     assert abs(obj[-1] - obj[-2]) <= 1e-12 * obj[0]
     Hn = H / float(lambda_max(H))
@@ -153,19 +153,19 @@ def test_result_is_a_fixed_point_after_convergence():
 
 def test_info_and_dtypes():
     W, H, _ = correlated_problem(8, dtype=torch.float32)
-    out, info = magr_preprocess(W, H.double(), alpha=1e-3, iters=5, dtype=torch.float64, return_info=True)
+    out, info = magr_ista(W, H.double(), alpha=1e-3, iters=5, dtype=torch.float64, return_info=True)
     assert isinstance(info, MagrInfo)
     assert out.dtype == W.dtype and out.shape == W.shape
     assert len(info.objective) == 6 and info.seconds > 0
     assert info.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(H.double()).max()), rel=1e-5)
-    out2 = magr_preprocess(W, H, alpha=1e-3, iters=0)
+    out2 = magr_ista(W, H, alpha=1e-3, iters=0)
     assert torch.equal(out2, W)
 
 
 def test_zero_hessian_leaves_weight_unchanged(caplog):
     W = torch.randn(4, 6)
     with caplog.at_level(logging.WARNING, logger="magr.solver"):
-        out, info = magr_preprocess(W, torch.zeros(6, 6), return_info=True)
+        out, info = magr_ista(W, torch.zeros(6, 6), 1e-3, 200, return_info=True)
     assert torch.equal(out, W)
     assert "unchanged" in caplog.text
 
@@ -190,6 +190,6 @@ def test_lambda_max():
 ])
 def test_bad_input_raises_value_error(kwargs, words):
     with pytest.raises(ValueError) as err:
-        magr_preprocess(**kwargs)
+        magr_ista(**{"alpha": 1e-3, "iters": 10, **kwargs})
     for word in words:
         assert word in str(err.value)

@@ -1,12 +1,16 @@
-"""Block-by-block driver on the real stories260K model: methods, grids, resume, save/reload, bad inputs."""
+"""Block-by-block pipeline on the real stories260K model: methods, grids, resume, save/reload, bad inputs."""
 import json
 
 import pytest
 import torch
 
-from magr.driver import LINEAR_NAMES, QuantConfig, load_quant_params, quantize_model, save_quantized
+from magr.calibration import LayerStats
 from magr.evaluation import perplexity
-from magr.models import load_model
+from magr.methods import PRESETS, QuantConfig
+from magr.models import LINEAR_NAMES, load_model
+from magr.persistence import load_quant_params, read_run, save_quantized, write_run
+from magr.pipeline import quantize_group, quantize_model
+from magr.fista import fast_iters_matching
 from magr.quantizers import quantize
 
 CALIB = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -15,8 +19,8 @@ EVAL = torch.randint(3, 512, (2 * 64,), generator=torch.Generator().manual_seed(
 
 def _quantized(method, bits=3, **kw):
     model, tok = load_model("stories260k")
-    cfg = QuantConfig(method=method, bits=bits, iters=20, device="cpu", **kw)
-    return model, tok, quantize_model(model, CALIB, cfg, progress=False)
+    cfg = QuantConfig.build(method=method, bits=bits, iters=kw.pop("iters", 20), **kw)
+    return model, tok, quantize_model(model, CALIB, cfg, device="cpu", progress=False)
 
 
 def _assert_on_grid(model, params):
@@ -26,7 +30,7 @@ def _assert_on_grid(model, params):
         torch.testing.assert_close(quantize(W, scale, zero, p.maxq), W, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rtn", "magr+rtn", "optq", "magr+optq", "magr+optq-cd"])
+@pytest.mark.parametrize("method", list(PRESETS))
 def test_every_method_quantizes_every_linear_layer_onto_its_grid(method):
     model, _, res = _quantized(method, cd_passes=2 if method == "magr+optq-cd" else None)
     n_layers = len(model.model.layers) * len(LINEAR_NAMES)
@@ -52,14 +56,14 @@ def test_optq_reconstructs_better_than_rtn_and_groups_work():
 
 
 def test_interrupted_run_resumes_from_block_checkpoints(tmp_path, monkeypatch):
-    import magr.driver as driver
+    import magr.pipeline as pipeline
 
     calls = []
-    real = driver.quantize_layer
-    monkeypatch.setattr(driver, "quantize_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = QuantConfig(method="magr+optq", bits=3, iters=20, device="cpu")
+    real = pipeline.quantize_group
+    monkeypatch.setattr(pipeline, "quantize_group", lambda layers, *a: calls.extend(layers) or real(layers, *a))
+    cfg = QuantConfig.build(method="magr+optq", bits=3, iters=20)
     model_b, _ = load_model("stories260k")
-    res_b = quantize_model(model_b, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    res_b = quantize_model(model_b, CALIB, cfg, device="cpu", progress=False, checkpoint_dir=tmp_path)
     n_blocks, per_block = len(model_b.model.layers), len(LINEAR_NAMES)
     assert len(calls) == n_blocks * per_block
     # simulate an interruption after block 2: the later blocks' checkpoints are missing
@@ -67,7 +71,7 @@ def test_interrupted_run_resumes_from_block_checkpoints(tmp_path, monkeypatch):
         f.unlink()
     calls.clear()
     model_c, _ = load_model("stories260k")
-    res_c = quantize_model(model_c, CALIB, cfg, progress=False, checkpoint_dir=tmp_path)
+    res_c = quantize_model(model_c, CALIB, cfg, device="cpu", progress=False, checkpoint_dir=tmp_path)
     assert len(calls) == 2 * per_block  # only blocks 3 and 4 were quantized again
     assert res_c.block_seconds[:3] == res_b.block_seconds[:3]  # the first three came from the checkpoints
     assert len(res_c.records) == len(res_b.records)
@@ -76,39 +80,42 @@ def test_interrupted_run_resumes_from_block_checkpoints(tmp_path, monkeypatch):
     # a different setting does not reuse the checkpoints
     calls.clear()
     model_d, _ = load_model("stories260k")
-    res_d = quantize_model(model_d, CALIB, QuantConfig(method="rtn", bits=3, device="cpu"),
+    res_d = quantize_model(model_d, CALIB, QuantConfig.build(method="rtn", bits=3), device="cpu",
                            progress=False, checkpoint_dir=tmp_path)
     assert len(calls) == n_blocks * per_block
     assert "magr_objective_end" not in res_d.records[0]
 
 
 def test_degenerate_features_leave_weights_unchanged_with_both_solvers():
-    from magr.driver import _Stats, magr_layers
-
-    st = _Stats(16, "cpu")
+    st = LayerStats(16, "cpu")
     st.H_last = torch.zeros(16, 16)  # X = 0: lambda_max(H) = 0, nothing to preserve or reduce
     weights = [torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), torch.randn(3, 16)]
-    for solver in ("reference", "fast"):
-        new, recs = magr_layers(weights, st, QuantConfig(method="magr+rtn", bits=3, magr_solver=solver).resolved())
-        for w, w_new, rec in zip(weights, new, recs):
-            torch.testing.assert_close(w_new, w)
+    for solver in ("ista", "fista"):
+        layers = [torch.nn.Linear(16, w.shape[0], bias=False) for w in weights]
+        for layer, w in zip(layers, weights):
+            layer.weight.data.copy_(w)
+        cfg = QuantConfig.build(method="magr+rtn", bits=8, solver=solver)
+        _, recs = quantize_group(layers, st, cfg)
+        for w, rec in zip(weights, recs):
             assert rec["magr_objective_end"] is None
             assert rec["row_max_after"]["max"] == pytest.approx(float(w.abs().amax()))
+            assert rec["recon_error_rel"] is None  # H = 0: no reference error to divide by
 
 
 def test_save_and_reload_give_identical_perplexity(tmp_path):
     model, tok, res = _quantized("magr+optq", bits=4)
     before = perplexity(model, EVAL, seqlen=64, progress=False)
-    save_quantized(model, tok, res, tmp_path, source="stories260k")
+    save_quantized(model, tok, res.params, tmp_path)
+    write_run(tmp_path, {"config": res.config.to_dict()}, res.records)
     reloaded, tok2 = load_model(str(tmp_path))
     after = perplexity(reloaded, EVAL, seqlen=64, progress=False)
     assert after == pytest.approx(before, rel=1e-6)
     assert tok2.encode("Once upon a time,") == tok.encode("Once upon a time,")
-    meta, params = load_quant_params(tmp_path)
-    assert meta["config"]["method"] == "magr+optq" and meta["config"]["bits"] == 4
+    params = load_quant_params(tmp_path)
+    assert QuantConfig.from_dict(read_run(tmp_path)["config"]) == res.config
     assert set(params) == set(res.params)
     _assert_on_grid(reloaded, params)
-    records = json.loads((tmp_path / "magr_layers.json").read_text())
+    records = read_run(tmp_path)["records"]
     assert {"row_max_before", "row_max_after", "recon_error", "seconds"} <= set(records[0])
 
 
@@ -116,19 +123,23 @@ def test_save_and_reload_give_identical_perplexity(tmp_path):
 def test_group_size_that_does_not_divide_a_layer_is_refused_before_work():
     model, _ = load_model("stories260k")
     with pytest.raises(ValueError, match=r"group_size 64 does not divide the input size 172 of mlp.down_proj"):
-        quantize_model(model, CALIB, QuantConfig(method="rtn", group_size=64), progress=False)
+        quantize_model(model, CALIB, QuantConfig.build(method="rtn", group_size=64), device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("kw, message", [
     ({"bits": 5}, r"bits=5 is not supported; allowed: \(2, 3, 4, 8\)"),
-    ({"method": "awq"}, r"method 'awq' is not supported; allowed: rtn, magr\+rtn"),
+    ({"method": "awq"}, r"method='awq' is not supported; allowed: rtn, magr\+rtn"),
     ({"beta": 1.5}, r"beta=1.5 must lie in \(0, 1\]"),
-    ({"feature_source": "first"}, r"feature_source 'first' not allowed"),
+    ({"feature_source": "first"}, r"feature_source='first' is not allowed; allowed: last_sample, all"),
+    ({"solver": "adam"}, r"solver='adam' is not allowed; allowed: ista, fista"),
     ({"group_size": 0}, r"group_size=0 must be a positive integer"),
+    ({"cd_passes": -1}, r"cd_passes=-1 must be >= 0"),
+    ({"blocksize": 0}, r"blocksize=0 must be a positive"),
+    ({"alpah": 1e-3}, r"unknown setting\(s\) alpah; allowed: method, true_sequential, bits"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(kw, message):
     with pytest.raises(ValueError, match=message):
-        QuantConfig(**kw).resolved()
+        QuantConfig.build(**{"method": "magr+optq", **kw})
 
 
 def test_unsupported_architecture_names_the_supported_ones():
@@ -136,7 +147,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
-        quantize_model(gpt2, CALIB, QuantConfig(method="rtn"), progress=False)
+        quantize_model(gpt2, CALIB, QuantConfig.build(method="rtn"), device="cpu", progress=False)
 
 
 def test_cli_reports_bad_inputs_before_loading_anything(tmp_path, capsys):
@@ -148,7 +159,7 @@ def test_cli_reports_bad_inputs_before_loading_anything(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     assert main(base + ["--calib", "tinystories", "--group-size", "64"]) == 2
     assert "does not divide the input size 172" in capsys.readouterr().err
-    assert main(base + ["--calib", "tinystories", "--eval", "nosuchset"]) == 2
+    assert main(base + ["--calib", "tinystories", "--eval-sets", "nosuchset"]) == 2
     assert "nosuchset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--bits", "5"])
@@ -161,16 +172,17 @@ def test_cli_quantize_and_ppl_end_to_end(tmp_path, capsys):
     out = tmp_path / "q"
     rc = main(["quantize", "--model", "stories260k", "--method", "magr+optq", "--bits", "4", "--iters", "10",
                "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--out", str(out),
-               "--eval", "tinystories", "--eval-seqlen", "128", "--max-windows", "2"])
+               "--eval_sets", "tinystories", "--eval-seqlen", "128", "--max_windows", "2"])
     assert rc == 0
-    summary = json.loads((out / "magr_summary.json").read_text())
+    summary = read_run(out)
+    assert summary["config"]["preprocess"]["iters"] == 10 and summary["config"]["grid"]["beta"] == 1.0
     capsys.readouterr()
-    rc = main(["ppl", "--model", str(out), "--data", "tinystories", "--eval-seqlen", "128",
+    rc = main(["ppl", "--model", str(out), "--eval-sets", "tinystories", "--eval-seqlen", "128",
                "--max-windows", "2", "--json", str(tmp_path / "new" / "p.json")])
     assert rc == 0
     again = json.loads((tmp_path / "new" / "p.json").read_text())  # the folder is created
     assert again["ppl"]["tinystories"]["ppl"] == pytest.approx(summary["ppl"]["tinystories"]["ppl"], rel=1e-6)
-    rc = main(["ppl", "--model", str(out), "--dtype", "bfloat16", "--data", "tinystories", "--eval-seqlen", "128",
+    rc = main(["ppl", "--model", str(out), "--dtype", "bfloat16", "--eval-sets", "tinystories", "--eval-seqlen", "128",
                "--max-windows", "2", "--json", str(tmp_path / "bf16.json")])
     assert rc == 0
     bf16 = json.loads((tmp_path / "bf16.json").read_text())["ppl"]["tinystories"]["ppl"]
@@ -181,11 +193,31 @@ def test_cli_quantize_and_ppl_end_to_end(tmp_path, capsys):
     assert "invalid choice: 'float8'" in capsys.readouterr().err
 
 
-def test_fast_magr_path_reaches_the_reference_objective_in_the_driver():
-    _, _, ref = _quantized("magr+rtn", magr_solver="reference")
-    _, _, fast = _quantized("magr+rtn", magr_solver="fast")
+def test_fast_magr_path_reaches_the_reference_objective_in_the_pipeline():
+    _, _, ref = _quantized("magr+rtn", solver="ista", iters=20)
+    _, _, fast = _quantized("magr+rtn", solver="fista", iters=fast_iters_matching(20))
     # block 0 sees the same inputs in both runs: compare the objective each path reached
     for r, f in zip(ref.records[:7], fast.records[:7]):
         assert r["layer"] == f["layer"]
         assert f["magr_objective_end"] <= r["magr_objective_end"] * 1.001
         assert f["magr_objective_end"] < f["magr_objective_start"]
+
+
+def test_a_new_method_is_one_preset_row(monkeypatch):
+    """MagR in front of a quantizer the package does not know: one row in PRESETS, no pipeline change."""
+    from magr.methods import Method
+    from magr.preprocessing import MagR
+
+    def truncate(W, H, grid):  # a plain function quantizer: round towards zero on the grid
+        p = grid.params(W)
+        scale, zero = p.columns()
+        return scale * (torch.clamp(torch.trunc(W / scale) + zero, 0, p.maxq) - zero), p
+
+    monkeypatch.setitem(PRESETS, "magr+trunc", Method("MagR+Trunc", truncate, preprocess=MagR()))
+    model, _ = load_model("stories260k")
+    cfg = QuantConfig.build(method="magr+trunc", bits=3, iters=10)
+    res = quantize_model(model, CALIB, cfg, device="cpu", progress=False)
+    _assert_on_grid(model, res.params)
+    assert cfg.label == "MagR+Trunc" and cfg.to_dict()["quantizer"] == {"name": "truncate"}
+    assert all(r["seconds_magr"] > 0 and r["row_max_after"]["mean"] <= r["row_max_before"]["mean"]
+               for r in res.records)

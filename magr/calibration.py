@@ -1,0 +1,161 @@
+"""Calibration features block by block: block 0's inputs, block forwards, and per-layer statistics.
+
+OPTQ's procedure: the calibration windows run through the embeddings once; block i's inputs are the
+outputs of blocks 0..i-1 (quantized ones, when quantizing). Per linear layer the statistics are
+
+    H = sum over all calibration tokens of x x^T          (OPTQ's Hessian up to a factor; CD's covariance)
+    H_last = X_last^T X_last of the last calibration sample (the released code's X for MagR)
+
+One block at a time sits on the compute device; the rest of the model stays where it was.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .models import checked_layers, decoder_layers
+
+FORWARD_BATCH = 8
+"""Calibration samples per forward pass through a block."""
+
+
+class LayerStats:
+    """Accumulates H = sum x x^T over all calibration tokens and H_last = X_last^T X_last of a layer's input."""
+
+    def __init__(self, n: int, device):
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.H_last = None
+        self.tokens = 0
+        self.has_last = False  # whether the current batch ends with the last calibration sample
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (batch, seqlen, in)."""
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]).float()
+        flat = x.reshape(-1, x.shape[-1])
+        self.H += flat.T @ flat
+        self.tokens += flat.shape[0]
+        if self.has_last:
+            self.H_last = x[-1].T @ x[-1]
+
+
+class StopForward(Exception):
+    """Raised by a hook once the inputs it needs are captured, to skip the rest of a forward pass."""
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+    """Run the embeddings on every calibration row and return block 0's inputs and keyword arguments.
+
+    Returns (inputs (nsamples, seqlen, hidden) on ``device``, kwargs of the decoder-layer call such as
+    the rotary position embeddings and the causal mask, shared by all samples of equal length).
+    """
+    layers = decoder_layers(model)
+    captured: dict = {}
+    inps = []
+
+    def hook(module, args, kwargs):
+        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise StopForward
+
+    emb, rot = model.model.embed_tokens, getattr(model.model, "rotary_emb", None)
+    moved = [m for m in (emb, rot, layers[0]) if m is not None]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    for m in moved:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in tokens:
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m, home in zip(moved, homes):
+            if home.type != "meta":
+                m.to(home)
+    kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "use_cache")}
+    kwargs["use_cache"] = False
+    return torch.cat(inps, 0), kwargs
+
+
+def block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict, batch: int = FORWARD_BATCH) -> torch.Tensor:
+    """The block's outputs for all calibration samples, ``batch`` samples per forward pass."""
+    outs = []
+    for i in range(0, inps.shape[0], batch):
+        out = block(inps[i : i + batch], **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs, 0)
+
+
+@dataclass
+class BlockInputs:
+    """Block ``index`` on the compute device with the calibration inputs it receives."""
+
+    index: int
+    block: nn.Module
+    inps: torch.Tensor
+    kwargs: dict
+
+    @torch.no_grad()
+    def stats(self, groups: Sequence[Sequence[str]], batch: int = FORWARD_BATCH) -> dict[str, LayerStats]:
+        """Forward the inputs through the block and accumulate the statistics of the linear layers in
+        ``groups`` (name tuples; the layers of a tuple share one input, so one accumulator, hooked on the
+        first). Each forward stops once the last group's input is captured. Returns name -> statistics."""
+        stats: dict[str, LayerStats] = {}
+        handles = []
+        for k, names in enumerate(groups):
+            first = self.block.get_submodule(names[0])
+            st = LayerStats(first.in_features, self.inps.device)
+            stats.update({name: st for name in names})
+
+            def hook(module, args, st=st, stop=k == len(groups) - 1):
+                st.add(args[0])
+                if stop:
+                    raise StopForward
+
+            handles.append(first.register_forward_pre_hook(hook))
+        n = self.inps.shape[0]
+        try:
+            for i in range(0, n, batch):
+                for st in stats.values():
+                    st.has_last = i + batch >= n
+                try:
+                    self.block(self.inps[i : i + batch], **self.kwargs)
+                except StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+
+@torch.no_grad()
+def walk_blocks(model: nn.Module, calib: torch.Tensor, device, last: int | None = None,
+                forward_batch: int = FORWARD_BATCH) -> Iterator[BlockInputs]:
+    """Yield each decoder block with its calibration inputs, in order; after the caller is done with a
+    block (it may quantize it), the block's outputs become the next block's inputs. Stops after ``last``.
+    (Wrap it in tqdm for a progress bar: it yields ``last + 1`` blocks, all of them by default.)"""
+    if calib.dim() != 2 or calib.numel() == 0:
+        raise ValueError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {tuple(calib.shape)}")
+    layers = checked_layers(model)
+    n = len(layers) if last is None else last + 1
+    if not 0 < n <= len(layers):
+        raise ValueError(f"last block {last} out of range; the model has blocks 0..{len(layers) - 1}")
+    device = torch.device(device)
+    inps, kwargs = capture_block_inputs(model, calib, device)
+    for i in range(n):
+        block = layers[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        yield BlockInputs(i, block, inps, kwargs)
+        if i + 1 < n:
+            inps = block_forward(block, inps, kwargs, batch=forward_batch)
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

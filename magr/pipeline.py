@@ -1,0 +1,155 @@
+"""Block-by-block post-training quantization of a decoder model with one method (OPTQ's procedure).
+
+For every decoder block, in order, and inside it for every group of linear layers sharing an input
+(true-sequential: [q, k, v] -> [o] -> [gate, up] -> [down], each group seeing inputs computed with the
+groups before it already quantized; or all seven from one statistics pass), with the layers' statistics
+H (all calibration tokens) and H_last (the last sample), the method's steps run:
+
+    W' = preprocess(W; H or H_last)   (MagR, optional)
+    Q, grid = quantizer(W'; H)        (RTN or OPTQ)
+    Q = refine(Q; W, H, grid)         (coordinate descent, optional)
+
+The steps come from the config (:class:`magr.methods.QuantConfig`); this module only walks the model, times
+the steps and writes per-layer records. Finished blocks can be checkpointed and a rerun resumes
+(:mod:`magr.persistence`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .calibration import LayerStats, walk_blocks
+from .methods import QuantConfig
+from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
+from .persistence import checkpoint_tag, load_block_checkpoint, save_block_checkpoint
+from .quantizers import QuantParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize_model` produced besides the model changed in place."""
+
+    config: QuantConfig
+    records: list[dict] = field(default_factory=list)  # one per linear layer
+    params: dict[str, QuantParams] = field(default_factory=dict)  # "model.layers.i.<name>" -> grid
+    seconds: float = 0.0
+    block_seconds: list[float] = field(default_factory=list)
+
+
+def check_config_for_model(model: nn.Module, cfg: QuantConfig) -> None:
+    """Fail before any long work if the group size does not divide every layer's input size."""
+    if cfg.grid.group_size is None:
+        return
+    layer = checked_layers(model)[0]
+    for name in LINEAR_NAMES:
+        n = layer.get_submodule(name).in_features
+        if n % cfg.grid.group_size:
+            raise ValueError(
+                f"group_size {cfg.grid.group_size} does not divide the input size {n} of {name}; "
+                f"allowed: a common divisor of this model's layer widths, or per channel (no group size)"
+            )
+
+
+def _row_max_summary(W: torch.Tensor) -> dict:
+    r = W.abs().amax(dim=1).float()
+    return {"mean": r.mean().item(), "median": r.median().item(), "max": r.max().item(), "min": r.min().item()}
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def quantize_group(layers: list[nn.Linear], st: LayerStats, cfg: QuantConfig) -> tuple[list, list[dict]]:
+    """Run the method on layers sharing one input; set their weights. Returns (grids, per-layer records)."""
+    originals = [layer.weight.data.float() for layer in layers]
+    recs = [{"shape": list(W.shape), "tokens": st.tokens, "row_max_before": _row_max_summary(W)} for W in originals]
+    targets = originals
+    if cfg.preprocess is not None:
+        (targets, infos), seconds = _timed(cfg.preprocess.apply, originals, st, cfg.grid.group_size)
+        rows = sum(W.shape[0] for W in originals)
+        for rec, W, info in zip(recs, targets, infos):
+            rec.update(magr_objective_start=info.objective[0] if info.objective else None,
+                       magr_objective_end=info.objective[-1] if info.objective else None,
+                       row_max_after=_row_max_summary(W), seconds_magr=seconds * W.shape[0] / rows)
+    grids = []
+    for layer, W_orig, W, rec in zip(layers, originals, targets, recs):
+        (Q, params), rec["seconds_quant"] = _timed(cfg.quantizer, W, st.H, cfg.grid)
+        rec["seconds_refine"] = 0.0
+        if cfg.refine is not None:
+            Q, rec["seconds_refine"] = _timed(cfg.refine, Q, W_orig, st.H, params, cfg.grid)
+        D = Q.float() - W_orig  # layer reconstruction error over all calibration tokens
+        err, ref = float((D @ st.H * D).sum()), float((W_orig @ st.H * W_orig).sum())
+        rec.update(recon_error=err, recon_error_rel=err / ref if ref > 0 else None)
+        rec.setdefault("seconds_magr", 0.0)
+        rec["seconds"] = rec["seconds_magr"] + rec["seconds_quant"] + rec["seconds_refine"]
+        layer.weight.data.copy_(Q.to(layer.weight.dtype))
+        grids.append(params.cpu())
+    return grids, recs
+
+
+def quantize_block(block: nn.Module, stats_of, cfg: QuantConfig) -> tuple[dict[str, QuantParams], list[dict]]:
+    """Quantize the seven linear layers of one block; ``stats_of(groups)`` collects their statistics."""
+    passes = [(g,) for g in SEQUENTIAL_GROUPS] if cfg.true_sequential else [SEQUENTIAL_GROUPS]
+    params, records = {}, []
+    for groups in passes:
+        stats = stats_of(groups)
+        for names in groups:
+            grids, recs = quantize_group([block.get_submodule(n) for n in names], stats[names[0]], cfg)
+            for name, p, rec in zip(names, grids, recs):
+                params[name] = p
+                records.append({**rec, "layer": name})
+    return params, records
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, device: str | None = None,
+                   progress: bool = True, checkpoint_dir: str | Path | None = None) -> QuantResult:
+    """Quantize every linear layer of every decoder block of ``model`` in place (OPTQ's block order).
+
+    ``calib`` is a LongTensor (nsamples, seqlen) of calibration tokens; ``device`` where each block is
+    computed (default: cuda when available). With ``checkpoint_dir`` each finished block (weights, grids,
+    records) is saved there, and a rerun with the same settings and data resumes after it.
+    """
+    check_config_for_model(model, cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n_blocks = len(checked_layers(model))
+    use_cache = getattr(model.config, "use_cache", False)
+    model.config.use_cache = False
+    result = QuantResult(cfg)
+    tag = checkpoint_tag(cfg, calib)
+    start = time.perf_counter()
+    bar = tqdm(walk_blocks(model, calib, device), total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}",
+               disable=not progress, unit="block")
+    for blk in bar:
+        t_block = time.perf_counter()
+        saved = load_block_checkpoint(checkpoint_dir, blk.index, tag, blk.block, device) if checkpoint_dir else None
+        if saved is not None:
+            params, records, seconds = saved
+            log.info("block %d: resumed from %s", blk.index, checkpoint_dir)
+        else:
+            params, records = quantize_block(blk.block, blk.stats, cfg)
+            seconds = time.perf_counter() - t_block
+            records = [{**rec, "block": blk.index} for rec in records]
+            if checkpoint_dir:
+                save_block_checkpoint(checkpoint_dir, blk.index, tag, blk.block, params, records, seconds)
+        result.params.update({f"model.layers.{blk.index}.{name}": p for name, p in params.items()})
+        result.records.extend(records)
+        result.block_seconds.append(seconds)
+        bar.set_postfix(err=f"{max(r['recon_error_rel'] or 0 for r in records):.2e}")
+    model.config.use_cache = use_cache
+    result.seconds = time.perf_counter() - start
+    bad = [r for r in result.records if not math.isfinite(r["recon_error"])]
+    if bad:
+        log.warning("%d layers have a non-finite reconstruction error", len(bad))
+    return result

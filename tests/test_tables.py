@@ -1,0 +1,85 @@
+"""Tables 2-4 from run folders (magr.tables) and their Markdown / CSV output."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from magr import tables
+from magr.methods import QuantConfig
+from magr.persistence import write_run
+
+
+# ------------------------------------------------------------------------------------- Tables 2-4
+def _write_cell(root, name, method, bits, group, ppl, seconds=10.0, blocks=(4.0, 6.0)):
+    cfg = QuantConfig.build(method=method, bits=bits, group_size=group)
+    meta = {"model": "m", "device": "cpu", "config": cfg.to_dict(),
+            "calibration": {"calib": "c4", "nsamples": 2, "seqlen": 8, "seed": 0}, "seconds": seconds,
+            "block_seconds": list(blocks),
+            "ppl": {"wikitext2": {"ppl": ppl, "seqlen": 8, "max_windows": 2}, "c4": {"ppl": 2 * ppl}}}
+    records = [{"block": b, "layer": n, "seconds": 1.0, "seconds_magr": 0.5 if "magr" in method else 0.0,
+                "seconds_quant": 0.25, "seconds_refine": 0.125 if cfg.refine else 0.0}
+               for b in range(len(blocks)) for n in ("a", "b")]
+    write_run(root / name, meta, records)
+
+
+def test_perplexity_table_order_and_paper_columns(tmp_path):
+    _write_cell(tmp_path, "g", "optq", 3, 64, 9.0)
+    _write_cell(tmp_path, "a", "magr+optq", 3, None, 8.0)
+    _write_cell(tmp_path, "b", "rtn", 4, None, 7.0)
+    _write_cell(tmp_path, "c", "rtn", 3, None, 50.0)
+    cells = tables.load_cells(tmp_path)
+    assert [c["name"] for c in cells] == ["a", "b", "c", "g"]
+    table = tables.perplexity_table(cells, {"ppl": {"wikitext2": {"ppl": 6.0}, "c4": {"ppl": 12.0}}})
+    assert list(zip(table["setting"], table["method"])) == [
+        ("float", "float"), ("W4", "RTN"), ("W3", "RTN"), ("W3", "MagR+OPTQ"), ("W3g64", "OPTQ")]
+    assert list(table["c4"]) == [12.0, 14.0, 100.0, 16.0, 18.0]
+    paper = tables.with_paper(table)
+    assert paper["paper LLaMA-2-7B WikiText-2"].tolist()[:4] == [5.47, 6.11, 539.48, 6.41]
+    assert paper["paper LLaMA-2-70B WikiText-2"].tolist()[3] == 3.82
+    assert math.isnan(paper["paper LLaMA-2-7B WikiText-2"].iloc[4])  # no per-group anchor in the notes
+
+
+def test_runtime_table_splits_the_time(tmp_path):
+    _write_cell(tmp_path, "x", "magr+optq", 3, None, 8.0, seconds=12.0, blocks=(5.0, 7.0))
+    _write_cell(tmp_path, "y", "rtn", 3, None, 9.0, seconds=3.0, blocks=(1.0, 2.0))
+    table = tables.runtime_table(tables.load_cells(tmp_path))
+    assert list(table["method"]) == ["RTN", "MagR+OPTQ"]
+    row = table.set_index("method").loc["MagR+OPTQ"]
+    assert row["MagR (s)"] == pytest.approx(2.0) and row["quantizer (s)"] == pytest.approx(1.0)
+    assert row["CD (s)"] == pytest.approx(0.5) and row["CD passes"] == 1
+    assert row["forward + stats (s)"] == pytest.approx(8.5)
+    assert row["per block (s, mean)"] == pytest.approx(6.0) and row["per block (s, max)"] == pytest.approx(7.0)
+    assert row["paper LLaMA-2-7B A100 (min)"] == 35
+
+
+def test_load_cell_missing_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        tables.load_cells(tmp_path, ["nothing"])
+
+
+def test_labels_and_descriptions_come_from_the_presets():
+    cfg = QuantConfig.build(method="magr+optq-cd", bits=2, iters=14).to_dict()
+    assert tables.cell_label(cfg) == "W2 MagR+OPTQ†"
+    text = tables.describe_config(cfg)
+    assert "14 FISTA iterations" in text and "30 CD passes" in text and "beta 0.8" in text
+    assert tables.cell_label(QuantConfig.build(method="optq", bits=3, group_size=64).to_dict()) == "W3g64 OPTQ"
+
+
+def test_zeroshot_table_and_markdown():
+    res = {"float": {"piqa": {"acc": 0.6, "n": 10}, "arc_easy": {"acc": 0.4, "n": 10}},
+           "W3 RTN": {"piqa": {"acc": 0.5, "n": 10}, "arc_easy": {"acc": 0.3, "n": 10}}}
+    table = tables.zeroshot_table(res)
+    assert table["mean"].tolist() == pytest.approx([50.0, 40.0])
+    assert table["items per task"].tolist() == [10, 10]
+    md = tables.markdown_table(pd.DataFrame({"max|w|": [1.23456, math.nan], "name": ["a", "b"]}))
+    lines = md.splitlines()
+    assert lines[0] == "| max\\|w\\| | name |"
+    assert lines[2] == "| 1.23 | a |" and lines[3] == "| - | b |"
+
+
+def test_write_table(tmp_path):
+    csv, md = tables.write_table(pd.DataFrame({"a": [1.0]}), tmp_path / "sub" / "t", title="T", notes="n")
+    assert csv.read_text().splitlines() == ["a", "1.0"]
+    assert md.read_text() == "## T\n\n| a |\n|---:|\n| 1.00 |\n\nn\n"
