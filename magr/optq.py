@@ -9,7 +9,8 @@ where U is the upper Cholesky factor of (H + lambda I)^{-1}, lambda = percdamp *
 are applied lazily in blocks of ``blocksize`` columns (the GPTQ paper's Algorithm 1). Inputs that are
 never active (H[j, j] = 0, "dead") get H[j, j] = 1 and a zero weight column, as in GPTQ. ``actorder``
 processes columns by decreasing H[j, j]; ``static_groups`` fixes every group's grid from the initial W
-before any update (otherwise a group's grid is taken when its first column is reached).
+before any update (otherwise a group's grid is taken when its first column is reached, from the weights
+chosen by ``group_grid``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from typing import ClassVar
 import torch
 
 from .quantizers import Grid, QuantParams, quantize
-from .settings import setting
+from .settings import check_choice, setting
 
 log = logging.getLogger(__name__)
+
+GROUP_GRIDS = ("block_start", "current")
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -71,12 +74,31 @@ def _grids_and_order(W, H, grid: Grid, actorder: bool, static_groups: bool):
     return W, H, scale_g, zero_g, perm, group_of
 
 
+def _group_weights(W, W1, Err1, U, i1: int, i2: int, k: int, g: int, group_grid: str) -> torch.Tensor:
+    """The weights a new group's grid is fitted on, at its first column k (inside the lazy block i1..i2).
+
+    "block_start" (GPTQ's and the released MagR code's): W[:, k:k+g] as it was when the block started,
+    without the updates from the block's columns before k. "current": the up-to-date weights, the block's
+    columns from W1 and the columns past the block with this block's pending updates added, so that the
+    result does not depend on blocksize. The two differ only when a group starts inside a block (group
+    size not a multiple of blocksize, e.g. g64 with blocksize 128).
+    """
+    if group_grid == "block_start":
+        return W[:, k:k + g]
+    i = k - i1
+    cur = W1[:, i:i + g]
+    if k + g > i2:
+        cur = torch.cat([cur, W[:, i2:k + g] - Err1[:, :i] @ U[i1:k, i2:k + g]], dim=1)
+    return cur
+
+
 def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksize: int, actorder: bool,
-         static_groups: bool) -> tuple[torch.Tensor, QuantParams]:
+         static_groups: bool, group_grid: str) -> tuple[torch.Tensor, QuantParams]:
     """Quantize W (out x in) with OPTQ given H = X^T X (in x in); returns (dequantized weight, grid).
 
     The :class:`QuantParams` hold the per-group scale/zero and g_idx, the column -> group map, which
-    act-order permutes.
+    act-order permutes. ``group_grid`` chooses the weights a non-static group's grid is fitted on
+    (:func:`_group_weights`).
     """
     group_size = grid.group_size
     out, n = W.shape
@@ -103,16 +125,7 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
         for i in range(i2 - i1):
             k = i1 + i
             if group_size is not None and not static_groups and k % g == 0:
-                # grid of a new group from its current (partly updated) weights, as GPTQ does. The
-                # block's columns are up to date in W1; columns past the block still lack this
-                # block's pending updates (Err1 so far), added here, so the grid (and the result)
-                # does not depend on blocksize. (GPTQ's code reads the block-start W here, which
-                # differs only when a group starts inside a block: group_size not a multiple of
-                # blocksize, e.g. g64 with the default blocksize 128.)
-                cur = W1[:, i:i + g]
-                if k + g > i2:
-                    cur = torch.cat([cur, W[:, i2:k + g] - Err1[:, :i] @ U[i1:k, i2:k + g]], dim=1)
-                s, z = grid.row_params(cur)
+                s, z = grid.row_params(_group_weights(W, W1, Err1, U, i1, i2, k, g, group_grid))
                 scale_g[:, k // g], zero_g[:, k // g] = s[:, 0], z[:, 0]
             gi = group_of[k]
             w = W1[:, i]
@@ -140,12 +153,16 @@ class OPTQ:
     blocksize: int = setting(128, "OPTQ lazy-update block size (columns)")
     actorder: bool = setting(False, "OPTQ: columns by decreasing H[j, j]")
     static_groups: bool = setting(False, "OPTQ: fix every group's grid from the initial weight")
+    group_grid: str = setting("block_start", "OPTQ: weights a group's grid is fitted on: block_start (GPTQ's and "
+                              "the released code's) or current (up to date; independent of blocksize)",
+                              choices=GROUP_GRIDS)
 
     def __post_init__(self):
+        check_choice("group_grid", self.group_grid, GROUP_GRIDS)
         if self.percdamp < 0:
             raise ValueError(f"percdamp={self.percdamp} must be >= 0")
         if self.blocksize <= 0:
             raise ValueError(f"blocksize={self.blocksize} must be a positive number of columns")
 
     def __call__(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, QuantParams]:
-        return optq(W, H, grid, self.percdamp, self.blocksize, self.actorder, self.static_groups)
+        return optq(W, H, grid, self.percdamp, self.blocksize, self.actorder, self.static_groups, self.group_grid)

@@ -9,9 +9,11 @@ from magr.quantizers import Grid, rtn
 
 
 def optq(W, H, bits=4, group_size=None, beta=1.0, blocksize=128, percdamp=0.01, actorder=False,
-         static_groups=False, return_params=False):
-    """The OPTQ step built from these settings (the test's shorthand)."""
-    Q, p = OPTQ(percdamp, blocksize, actorder, static_groups)(W, H, Grid(bits, group_size, beta=beta))
+         static_groups=False, return_params=False, group_grid="current"):
+    """The OPTQ step built from these settings (the test's shorthand; group grids from the current weights,
+    the convention the plain reference below follows)."""
+    step = OPTQ(percdamp, blocksize, actorder, static_groups, group_grid)
+    Q, p = step(W, H, Grid(bits, group_size, beta=beta))
     return (Q, p) if return_params else Q
 
 
@@ -73,6 +75,51 @@ def ref_optq(W, H, bits, group_size=None, beta=1.0, percdamp=0.01, actorder=Fals
         err = (W[:, j] - Q[:, j]) / U[j, j]
         W[:, j + 1:] -= err.unsqueeze(1) * U[j, j + 1:].unsqueeze(0)
     return Q[:, torch.argsort(perm)]
+
+
+def released_optq(W, H, bits, group_size, beta=1.0, percdamp=0.01, blocksize=128):
+    """The released MagR code's OPTQ loop (GPTQ's fasterquant), transcribed in float64 without act-order or
+    static groups: lazy blocks of ``blocksize`` columns; a group's grid is fitted when its first column j is
+    reached, on W[:, j:j+g] of the tensor W that is only updated at the end of each block."""
+    W = W.double().clone()
+    H = H.double().clone()
+    n = W.shape[1]
+    maxq = 2**bits - 1
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % group_size == 0:
+                delta, z = ref_grid(W[:, i1 + i:i1 + i + group_size], bits, beta)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = (delta * (torch.clamp(torch.round(w.unsqueeze(1) / delta) + z, 0, maxq) - z))[:, 0]
+            Q[:, i1 + i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,blocksize", [(8, 12), (12, 32), (16, 16), (6, 16)])
+def test_block_start_group_grids_equal_the_released_loop(bits, group_size, blocksize):
+    """group_grid="block_start" is the released code's convention, also where groups start inside a block."""
+    X = correlated_inputs(50 + bits, 48, tokens=256)
+    W = torch.randn(8, 48, generator=torch.Generator().manual_seed(60 + bits))
+    H = X.T @ X
+    beta = 0.9 if bits < 4 else 1.0
+    Q = optq(W, H, bits, group_size, beta=beta, blocksize=blocksize, group_grid="block_start")
+    ref = released_optq(W, H, bits, group_size, beta, blocksize=blocksize)
+    assert rel_diff(Q, ref) <= 1e-5
+    if blocksize % group_size:  # groups start inside blocks: the two conventions really differ
+        assert rel_diff(optq(W, H, bits, group_size, beta=beta, blocksize=blocksize), ref) > 1e-3
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,6 +230,7 @@ def test_singular_hessian_without_damping_still_works():
     (dict(H=torch.eye(5)), ["(5, 5)", "(4, 16)"]),
     (dict(percdamp=-0.1), ["percdamp=-0.1"]),
     (dict(blocksize=0), ["blocksize=0"]),
+    (dict(group_grid="late"), ["group_grid='late'", "block_start"]),
     (dict(bits=5), ["bits=5"]),
     (dict(group_size=5), ["5", "16"]),
     (dict(beta=1.2), ["beta=1.2"]),
