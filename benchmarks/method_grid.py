@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from magr.data import get_calibration, get_eval_tokens
+from magr.calibration_data import get_calibration
+from magr.data import get_eval_tokens
 from magr.methods import PRESETS, QuantConfig
 from magr.pipeline import quantize_model
 from magr.evaluation import perplexity

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from magr.data import get_calibration
+from magr.calibration_data import get_calibration
 from magr.methods import PRESETS, QuantConfig
 from magr.models import load_model
 from magr.pipeline import quantize_model

@@ -4,7 +4,7 @@ A method is a composition of steps (magr.methods): MagR (preprocessing), RTN or 
 (refinement); ``QuantConfig.build(method=..., **settings)`` gives one run's settings and
 ``quantize_model`` applies them block by block.
 """
-from .data import Calibration
+from .calibration_data import Calibration
 from .evaluation import Evaluation
 from .fista import FAST_ITERS, fast_iters_matching, magr_fista
 from .methods import PRESETS, Method, QuantConfig

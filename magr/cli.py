@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from .data import Calibration
+from .calibration_data import Calibration
 from .evaluation import Evaluation
 from .methods import PRESETS, setting_names
 from .models import DTYPES
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(q, setting_names())
     _add_settings(q, flat_fields(Calibration))
     _add_settings(q, flat_fields(Evaluation))
+    q.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="run once per calibration seed, into OUT/seed-<seed> (replaces --seed; a method that "
+                        "reads no calibration data, RTN, runs once); --save keeps the first seed's model")
     q.add_argument("--out", required=True, help="output folder (magr_run.json, magr_layers.json, the model)")
     q.add_argument("--checkpoint-dir", default=None,
                    help="save each finished block here and resume an interrupted run (default: OUT/.blocks)")
@@ -106,14 +109,20 @@ def _given(args, fields) -> dict:
 
 def cmd_quantize(args) -> dict:
     from .methods import QuantConfig
-    from .runs import quantize_run
+    from .runs import quantize_cell, quantize_run
 
     quant = QuantConfig.build(method=args.method, true_sequential=args.true_sequential,
                               **_given(args, setting_names()))
     calibration = Calibration(**_given(args, flat_fields(Calibration)))
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
-    return quantize_run(args.model, args.out, quant, calibration, evaluation, dtype=args.dtype, device=args.device,
-                        data_root=args.data_root, save=args.save, checkpoint_dir=args.checkpoint_dir)
+    options = dict(dtype=args.dtype, device=args.device, data_root=args.data_root)
+    if args.seeds is not None:
+        if args.checkpoint_dir:
+            raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
+        return {"seeds": quantize_cell(args.model, args.out, quant, args.seeds, calibration, evaluation,
+                                       save=args.save, **options)}
+    return quantize_run(args.model, args.out, quant, calibration, evaluation, save=args.save,
+                        checkpoint_dir=args.checkpoint_dir, **options)
 
 
 def cmd_ppl(args) -> dict:

@@ -9,7 +9,8 @@ Published protocol (GPTQ / MagR code):
   only), then cut non-overlapping windows (:func:`magr.evaluation.perplexity`).
   WikiText-2 = ``"\\n\\n".join(rows of the test split)``; C4 = ``" ".join(first 1100 validation documents)``,
   first 256 x 2048 tokens; TinyStories = the validation stories.
-- calibration: ``nsamples`` random windows of ``seqlen`` tokens of the train text, seeded.
+- calibration: ``nsamples`` random windows of ``seqlen`` tokens of the train split, seeded
+  (:mod:`magr.calibration_data`).
 
 Offline stand-ins (logged): WikiText-2 raw *train* is not available, so calibration uses wiki.valid.tokens;
 the C4 slices hold 1025 validation / 1041 train documents; TinyStories has only validation.txt, so its
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def default_data_root() -> Path | None:
     return root if root.is_dir() else None
 
 
-def _resolve_root(data_root) -> Path | None:
+def resolve_root(data_root) -> Path | None:
     if data_root is None:
         return default_data_root()
     root = Path(data_root).expanduser()
@@ -80,14 +79,14 @@ def _resolve_root(data_root) -> Path | None:
     return root
 
 
-def _offline_file(root: Path, source: str, split: str) -> Path:
+def offline_file(root: Path, source: str, split: str) -> Path:
     path = root / OFFLINE[(source, split)]
     if not path.is_file():
         raise FileNotFoundError(f"offline {source} {split} file not found: {path}")
     return path
 
 
-def _read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
+def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -102,7 +101,7 @@ def _read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
     return texts
 
 
-def _wikitext_rows(path: Path) -> list[str]:
+def wikitext_rows(path: Path) -> list[str]:
     """Rows of the hub split from the offline file: one row per line, CRLF turned into the row's final LF.
 
     (The hub rows end with "\\n"; the hub's 1467 empty rows are missing here, see MANIFEST.)
@@ -111,7 +110,7 @@ def _wikitext_rows(path: Path) -> list[str]:
         return [line.rstrip("\r\n") + "\n" for line in f]
 
 
-def _check_source(source: str) -> tuple[str, Path | None]:
+def check_source(source: str) -> tuple[str, Path | None]:
     """Normalise a source: (name, None) for a known dataset, ("file", path) for a local file."""
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source must be a string or path, got {type(source).__name__}")
@@ -133,21 +132,21 @@ def resolve_source(source: str, data_root=None) -> tuple[str, Path | None]:
     Raises ValueError for an unknown name, FileNotFoundError for a missing local file, data root or offline
     file of the source (root None means the hub datasets will be used).
     """
-    name, path = _check_source(source)
+    name, path = check_source(source)
     if name == "file":
         return name, path
-    root = _resolve_root(data_root)
+    root = resolve_root(data_root)
     if root is not None:
         for src, split in OFFLINE:
             if src == name:
-                _offline_file(root, src, split)
+                offline_file(root, src, split)
     return name, root
 
 
-def _local_text(path: Path) -> str:
+def local_text(path: Path) -> str:
     """A .txt file's whole text, or a .jsonl file's "text" fields joined by blank lines."""
     if path.suffix == ".jsonl":
-        return "\n\n".join(_read_jsonl_texts(path))
+        return "\n\n".join(read_jsonl_texts(path))
     return path.read_text(encoding="utf-8")
 
 
@@ -159,19 +158,19 @@ def eval_text(source: str, split: str = "test", data_root=None) -> str:
     no test split), ``validation``/``test`` (the whole file) or ``heldout`` (the part that calibration
     does not see) for TinyStories; ignored for a local file.
     """
-    name, path = _check_source(source)
+    name, path = check_source(source)
     if name == "file":
-        return _local_text(path)
+        return local_text(path)
     if split == "test" and name in ("c4", "tinystories"):
         split = "validation"
     if split not in EVAL_SPLITS[name]:
         raise ValueError(f"unknown split {split!r} for {name}; allowed: {', '.join(EVAL_SPLITS[name])}")
-    root = _resolve_root(data_root)
+    root = resolve_root(data_root)
     if name == "wikitext2":
         if root is not None:
-            f = _offline_file(root, name, "test")
+            f = offline_file(root, name, "test")
             log.info("wikitext2 test: using the offline copy %s (non-empty rows only, see MANIFEST)", f)
-            rows = _wikitext_rows(f)
+            rows = wikitext_rows(f)
         else:
             from datasets import load_dataset
 
@@ -179,8 +178,8 @@ def eval_text(source: str, split: str = "test", data_root=None) -> str:
         return "\n\n".join(rows)
     if name == "c4":
         if root is not None:
-            f = _offline_file(root, name, "validation")
-            docs = _read_jsonl_texts(f, limit=C4_EVAL_DOCS)
+            f = offline_file(root, name, "validation")
+            docs = read_jsonl_texts(f, limit=C4_EVAL_DOCS)
             log.info("c4 validation: using the offline copy %s (%d documents; the protocol takes the first %d)",
                      f, len(docs), C4_EVAL_DOCS)
         else:
@@ -190,15 +189,15 @@ def eval_text(source: str, split: str = "test", data_root=None) -> str:
             docs = ds[:C4_EVAL_DOCS]["text"]
         return " ".join(docs)
     # tinystories
-    text = _tinystories_text(root)
+    text = tinystories_text(root)
     if split == "heldout":
-        return text[_tinystories_cut(text):]
+        return text[tinystories_cut(text):]
     return text
 
 
-def _tinystories_text(root: Path | None) -> str:
+def tinystories_text(root: Path | None) -> str:
     if root is not None:
-        f = _offline_file(root, "tinystories", "validation")
+        f = offline_file(root, "tinystories", "validation")
         log.info("tinystories: using the offline copy %s (validation split)", f)
         return f.read_text(encoding="utf-8")
     from datasets import load_dataset
@@ -206,46 +205,11 @@ def _tinystories_text(root: Path | None) -> str:
     return "\n\n".join(load_dataset(HUB_TINYSTORIES, split="validation")["text"])
 
 
-def _tinystories_cut(text: str) -> int:
+def tinystories_cut(text: str) -> int:
     """Character offset splitting TinyStories into calibration (before) and held-out (after) stories."""
     cut = int(len(text) * TINYSTORIES_CALIB_FRACTION)
     boundary = text.find("\n\n", cut)
     return len(text) if boundary < 0 else boundary + 2
-
-
-def calibration_text(source: str, data_root=None) -> str:
-    """The text calibration windows are drawn from (the train split, or its offline stand-in)."""
-    name, path = _check_source(source)
-    if name == "file":
-        return _local_text(path)
-    root = _resolve_root(data_root)
-    if name == "wikitext2":
-        if root is not None:
-            f = _offline_file(root, name, "train")
-            log.warning("wikitext2 calibration: raw train split is not available offline; using %s "
-                        "(tokenized validation text with <unk>) as a stand-in", f)
-            with open(f, encoding="utf-8") as fh:
-                rows = fh.readlines()
-        else:
-            from datasets import load_dataset
-
-            rows = load_dataset(*HUB_WIKITEXT, split="train")["text"]
-        return " ".join(rows)  # GPTQ's train text join
-    if name == "c4":
-        if root is not None:
-            f = _offline_file(root, name, "train")
-            docs = _read_jsonl_texts(f)
-            log.info("c4 calibration: using the offline train slice %s (%d documents, joined)", f, len(docs))
-        else:
-            from datasets import load_dataset
-
-            docs = load_dataset(HUB_C4, data_files={"train": HUB_C4_FILES["train"]}, split="train")["text"]
-        return " ".join(docs)
-    text = _tinystories_text(root)
-    log.warning("tinystories calibration: only the validation split exists offline; drawing windows from its "
-                "first %.0f%% (evaluate on split='heldout' for text calibration has not seen)",
-                100 * TINYSTORIES_CALIB_FRACTION)
-    return text[:_tinystories_cut(text)]
 
 
 # -------------------------------------------------------------------------------------------- tokens
@@ -264,7 +228,7 @@ def get_eval_tokens(source: str, tokenizer, split: str = "test", data_root=None,
     """
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    name, _ = _check_source(source)
+    name, _ = check_source(source)
     tokens = tokenize_text(eval_text(source, split, data_root), tokenizer)
     if max_tokens is None and name == "c4":
         max_tokens = C4_EVAL_TOKENS
@@ -274,53 +238,3 @@ def get_eval_tokens(source: str, tokenizer, split: str = "test", data_root=None,
         tokens = tokens[:max_tokens]
     log.info("%s %s: %d evaluation tokens", source, split, tokens.numel())
     return tokens
-
-
-def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """(nsamples, seqlen) windows tokens[s : s + seqlen] at starts s drawn uniformly with a seeded generator."""
-    if nsamples <= 0 or seqlen <= 0:
-        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
-    tokens = tokens.flatten()
-    n = tokens.numel()
-    if n < seqlen:
-        raise ValueError(f"text too short for calibration: {n} tokens, need at least seqlen={seqlen}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
-
-
-def get_calibration(source: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                    data_root=None) -> torch.Tensor:
-    """(nsamples, seqlen) LongTensor of random windows of the calibration text, deterministic in ``seed``.
-
-    The whole calibration text (documents joined) is tokenized once, then windows are cut at seeded
-    random starts, so short documents (C4) still give full windows.
-    """
-    tokens = tokenize_text(calibration_text(source, data_root), tokenizer)
-    windows = random_windows(tokens, nsamples, seqlen, seed)
-    log.info("%s calibration: %d windows of %d tokens from %d tokens (seed %d)",
-             source, nsamples, seqlen, tokens.numel(), seed)
-    return windows
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of the train text of ``calib``
-    (paper: 128 x 2048 tokens of C4, seed 0)."""
-
-    calib: str = setting("c4", "calibration source: c4, wikitext2, tinystories or a .txt/.jsonl file")
-    nsamples: int = setting(128, "calibration windows")
-    seqlen: int = setting(2048, "calibration window length (tokens)")
-    seed: int = setting(0, "calibration sampling seed")
-
-    def __post_init__(self):
-        if self.nsamples <= 0 or self.seqlen <= 0:
-            raise ValueError(f"nsamples={self.nsamples} and seqlen={self.seqlen} must be positive")
-
-    def check(self, data_root=None) -> None:
-        """Fail before any long work if the source or its offline files are missing."""
-        resolve_source(self.calib, data_root)
-
-    def tokens(self, tokenizer, data_root=None) -> torch.Tensor:
-        """The (nsamples, seqlen) calibration windows (:func:`get_calibration`)."""
-        return get_calibration(self.calib, tokenizer, self.nsamples, self.seqlen, self.seed, data_root)

@@ -34,6 +34,11 @@ def released_beta(grid: Grid) -> float:
     return default_beta(grid.bits, grid.group_size)
 
 
+def plain_beta(grid: Grid) -> float:
+    """beta = 1: the full range, as the paper's plain RTN and OPTQ rows (the released RTN path's default)."""
+    return 1.0
+
+
 @dataclass(frozen=True)
 class Method:
     """A named composition of steps. ``beta`` gives the grid's beta when the run does not set it."""
@@ -46,14 +51,15 @@ class Method:
 
 
 PRESETS: dict[str, Method] = {
-    "rtn": Method("RTN", RTN()),
+    "rtn": Method("RTN", RTN(), beta=plain_beta),
     "magr+rtn": Method("MagR+RTN", RTN(), preprocess=MagR()),
-    "optq": Method("OPTQ", OPTQ()),
+    "optq": Method("OPTQ", OPTQ(), beta=plain_beta),
     # the released code always refines MagR+OPTQ by coordinate descent: 1 pass (30 at 2 bits)
     "magr+optq": Method("MagR+OPTQ", OPTQ(), preprocess=MagR(), refine=CD()),
     "magr+optq-cd": Method("MagR+OPTQ†", OPTQ(), preprocess=MagR(), refine=CD(passes=30)),
 }
-"""The paper's five methods. Keys are the ``method`` setting; order is the tables' order."""
+"""The paper's five methods. Keys are the ``method`` setting; order is the tables' order. The plain baselines
+use beta 1; the MagR methods the released code's beta table (0.8 / 0.9 / 1 at 2 / 3 / 4 bits per channel)."""
 
 STEP_CLASSES = (Grid, MagR, OPTQ, CD)
 
@@ -106,6 +112,12 @@ class QuantConfig:
     def label(self) -> str:
         return PRESETS[self.method].label
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether any step reads the calibration statistics (RTN alone does not: it needs no data)."""
+        return (self.preprocess is not None or self.refine is not None
+                or getattr(self.quantizer, "uses_statistics", True))
+
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         """The config that :meth:`to_dict` described (run metadata's "config")."""
@@ -128,7 +140,8 @@ class QuantConfig:
 
         return {"method": self.method, "label": self.label, "grid": asdict(self.grid),
                 "preprocess": step(self.preprocess), "quantizer": step(self.quantizer),
-                "refine": step(self.refine), "true_sequential": self.true_sequential}
+                "refine": step(self.refine), "true_sequential": self.true_sequential,
+                "uses_calibration": self.uses_calibration}
 
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Calibration
+from .calibration_data import Calibration
 from .models import DTYPES, load_model
 
 
@@ -33,18 +33,19 @@ def model_and_calibration(model_name: str, calibration: Calibration, dtype: str 
     return model, tokenizer, calibration.tokens(tokenizer, data_root)
 
 
-def run_cells(model_name: str, cells: dict, calibration: Calibration, evaluation, device: str = "cpu",
+def run_cells(model_name: str, cells: dict, calibration: Calibration, evaluation, seeds=(0,), device: str = "cpu",
               float_ppl: bool = True, work=None):
-    """Run quantize cells (name -> QuantConfig settings) as the pipeline's stages would, without saving the
-    models, and the float model's perplexity; returns (folder of the run folders, float perplexity JSON)."""
+    """Run quantize cells (name -> QuantConfig settings) for every calibration seed as the pipeline's stages
+    would, without saving the models, and the float model's perplexity; returns (folder of the cell folders,
+    float perplexity JSON)."""
     from .methods import QuantConfig
     from .persistence import write_json
-    from .runs import perplexity_run, quantize_run
+    from .runs import perplexity_run, quantize_cell
 
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="magr-cells-"))
     for name, cell in cells.items():
-        quantize_run(model_name, work / "cells" / name, QuantConfig.build(**cell), calibration, evaluation,
-                     device=device, save=False, progress=False)
+        quantize_cell(model_name, work / "cells" / name, QuantConfig.build(**cell), seeds, calibration, evaluation,
+                      device=device, progress=False)
     float_json = work / "float.json"
     if float_ppl:
         write_json(float_json, perplexity_run(model_name, evaluation, device=device))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration import LayerStats, walk_blocks
+from .calibration import BlockInputs, LayerStats, walk_blocks
 from .methods import QuantConfig
 from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
 from .persistence import checkpoint_tag, load_block_checkpoint, save_block_checkpoint
@@ -70,10 +70,14 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def quantize_group(layers: list[nn.Linear], st: LayerStats, cfg: QuantConfig) -> tuple[list, list[dict]]:
-    """Run the method on layers sharing one input; set their weights. Returns (grids, per-layer records)."""
+def quantize_group(layers: list[nn.Linear], st: LayerStats | None, cfg: QuantConfig) -> tuple[list, list[dict]]:
+    """Run the method on layers sharing one input; set their weights. Returns (grids, per-layer records).
+
+    ``st`` is None for a method that uses no calibration data (RTN): no statistics, no reconstruction error.
+    """
     originals = [layer.weight.data.float() for layer in layers]
-    recs = [{"shape": list(W.shape), "tokens": st.tokens, "row_max_before": _row_max_summary(W)} for W in originals]
+    recs = [{"shape": list(W.shape), "tokens": st.tokens if st else 0, "row_max_before": _row_max_summary(W)}
+            for W in originals]
     targets = originals
     if cfg.preprocess is not None:
         (targets, infos), seconds = _timed(cfg.preprocess.apply, originals, st, cfg.grid.group_size)
@@ -84,18 +88,34 @@ def quantize_group(layers: list[nn.Linear], st: LayerStats, cfg: QuantConfig) ->
                        row_max_after=_row_max_summary(W), seconds_magr=seconds * W.shape[0] / rows)
     grids = []
     for layer, W_orig, W, rec in zip(layers, originals, targets, recs):
-        (Q, params), rec["seconds_quant"] = _timed(cfg.quantizer, W, st.H, cfg.grid)
+        (Q, params), rec["seconds_quant"] = _timed(cfg.quantizer, W, st.H if st else None, cfg.grid)
         rec["seconds_refine"] = 0.0
         if cfg.refine is not None:
             Q, rec["seconds_refine"] = _timed(cfg.refine, Q, W_orig, st.H, params, cfg.grid)
-        D = Q.float() - W_orig  # layer reconstruction error over all calibration tokens
-        err, ref = float((D @ st.H * D).sum()), float((W_orig @ st.H * W_orig).sum())
-        rec.update(recon_error=err, recon_error_rel=err / ref if ref > 0 else None)
+        rec.update(_reconstruction_error(Q, W_orig, st))
         rec.setdefault("seconds_magr", 0.0)
         rec["seconds"] = rec["seconds_magr"] + rec["seconds_quant"] + rec["seconds_refine"]
         layer.weight.data.copy_(Q.to(layer.weight.dtype))
         grids.append(params.cpu())
     return grids, recs
+
+
+def _reconstruction_error(Q: torch.Tensor, W: torch.Tensor, st: LayerStats | None) -> dict:
+    """tr((Q - W) H (Q - W)^T) over all calibration tokens, absolute and relative to tr(W H W^T)."""
+    if st is None:
+        return {"recon_error": None, "recon_error_rel": None}
+    D = Q.float() - W
+    err, ref = float((D @ st.H * D).sum()), float((W @ st.H * W).sum())
+    return {"recon_error": err, "recon_error_rel": err / ref if ref > 0 else None}
+
+
+def _blocks_without_data(model: nn.Module, device):
+    """The decoder blocks in turn on ``device``, with no calibration inputs (methods that use no data)."""
+    for i, block in enumerate(checked_layers(model)):
+        home = next(block.parameters()).device
+        block.to(device)
+        yield BlockInputs(i, block, None, None)
+        block.to(home)
 
 
 def quantize_block(block: nn.Module, stats_of, cfg: QuantConfig) -> tuple[dict[str, QuantParams], list[dict]]:
@@ -129,8 +149,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     result = QuantResult(cfg)
     tag = checkpoint_tag(cfg, calib)
     start = time.perf_counter()
-    bar = tqdm(walk_blocks(model, calib, device), total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}",
-               disable=not progress, unit="block")
+    blocks = walk_blocks(model, calib, device) if cfg.uses_calibration else _blocks_without_data(model, device)
+    bar = tqdm(blocks, total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}", disable=not progress, unit="block")
     for blk in bar:
         t_block = time.perf_counter()
         saved = load_block_checkpoint(checkpoint_dir, blk.index, tag, blk.block, device) if checkpoint_dir else None
@@ -138,7 +158,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
             params, records, seconds = saved
             log.info("block %d: resumed from %s", blk.index, checkpoint_dir)
         else:
-            params, records = quantize_block(blk.block, blk.stats, cfg)
+            stats_of = blk.stats if cfg.uses_calibration else (lambda groups: {n: None for g in groups for n in g})
+            params, records = quantize_block(blk.block, stats_of, cfg)
             seconds = time.perf_counter() - t_block
             records = [{**rec, "block": blk.index} for rec in records]
             if checkpoint_dir:
@@ -149,7 +170,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
         bar.set_postfix(err=f"{max(r['recon_error_rel'] or 0 for r in records):.2e}")
     model.config.use_cache = use_cache
     result.seconds = time.perf_counter() - start
-    bad = [r for r in result.records if not math.isfinite(r["recon_error"])]
+    bad = [r for r in result.records if r["recon_error"] is not None and not math.isfinite(r["recon_error"])]
     if bad:
         log.warning("%d layers have a non-finite reconstruction error", len(bad))
     return result

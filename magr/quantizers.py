@@ -127,6 +127,7 @@ class RTN:
     """Quantizer step: round to the nearest grid point (no options; the statistics are not used)."""
 
     name: ClassVar[str] = "rtn"
+    uses_statistics: ClassVar[bool] = False
 
     def __call__(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, QuantParams]:
         return rtn(W, grid)

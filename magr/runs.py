@@ -4,10 +4,10 @@ folder, or measure a model's perplexity. Every check that can fail runs before t
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .data import Calibration
+from .calibration_data import Calibration
 from .evaluation import Evaluation
 from .methods import QuantConfig
 from .models import DTYPES, load_model, resolve_device
@@ -50,6 +50,30 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
         meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root)
     write_run(out, meta, result.records)
     return meta
+
+
+def seed_folder(out, seed: int) -> Path:
+    """The run folder of one calibration seed of a cell: OUT/seed-<seed>."""
+    return Path(out) / f"seed-{seed}"
+
+
+def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calibration = Calibration(),
+                  evaluation: Evaluation = Evaluation(), save: bool = False, **options) -> list[dict]:
+    """One cell of the pipeline: :func:`quantize_run` once per calibration seed, into OUT/seed-<seed>.
+
+    A method that reads no calibration data (RTN) gives the same model for every seed, so it runs once,
+    for the first seed. ``save`` keeps the model of the first seed only (the one the zero-shot stages
+    evaluate). ``options`` go to :func:`quantize_run`. Returns the run metadata of each seed.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds} must be a non-empty list of distinct integers")
+    if not quant.uses_calibration:
+        if len(seeds) > 1:
+            log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
+        seeds = seeds[:1]
+    return [quantize_run(model, seed_folder(out, s), quant, replace(calibration, seed=s), evaluation,
+                         save=save and i == 0, **options) for i, s in enumerate(seeds)]
 
 
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,

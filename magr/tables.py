@@ -1,8 +1,8 @@
 """Tables 2-4 from the run folders of the pipeline, and Markdown / CSV output for the reports.
 
-Every quantize cell of the pipeline is a run folder (:mod:`magr.persistence`); these functions gather
-them into the paper's tables (perplexity, zero-shot accuracy, wall time), in the paper's row order, with
-the method names of :data:`magr.methods.PRESETS`.
+Every quantize cell of the pipeline is a folder of run folders, one per calibration seed (:mod:`magr.cells`);
+these functions gather them into the paper's tables (perplexity, zero-shot accuracy, wall time), in the paper's
+row order, with the method names of :data:`magr.methods.PRESETS`, every value with its uncertainty.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pandas as pd
 
 from .methods import PRESETS
 from .paper import PAPER_MODELS, PAPER_RUNTIME_7B_MIN, PAPER_WIKITEXT2
-from .persistence import RUN_FILE, read_run
 
 METHOD_ORDER = ("float", *(m.label for m in PRESETS.values()))
 
@@ -27,17 +26,15 @@ def setting_label(bits: int | None, group_size: int | None) -> str:
     return f"W{bits}" if group_size is None else f"W{bits}g{group_size}"
 
 
-def load_cells(results_dir: str | Path, names: Sequence[str] | None = None) -> list[dict]:
-    """All run folders under ``results_dir`` (one folder per cell), or the named ones in that order."""
-    root = Path(results_dir)
-    if names is None:
-        names = sorted(p.parent.name for p in root.glob(f"*/{RUN_FILE}"))
-    return [read_run(root / n) for n in names]
-
-
 def cell_label(config: Mapping) -> str:
     """'W3g64 MagR+OPTQ': a run's setting and method name (``config``: run metadata's "config")."""
     return f"{setting_label(config['grid']['bits'], config['grid']['group_size'])} {config['label']}"
+
+
+def cell_key(cell: Mapping) -> tuple[str, str]:
+    """(setting, method) of a cell, e.g. ("W3", "MagR+OPTQ"): its row in the tables."""
+    keys = _cell_keys(cell)
+    return keys["setting"], keys["method"]
 
 
 def _cell_keys(cell: Mapping) -> dict:
@@ -56,13 +53,36 @@ def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None)
     rows = []
     if float_ppl is not None:
         rows.append({"setting": "float", "method": "float", "bits": None, "group": "-", "CD passes": None,
-                     **{k: v["ppl"] for k, v in float_ppl["ppl"].items()}})
+                     "seeds": None, **{k: v["ppl"] for k, v in float_ppl["ppl"].items()}})
     for cell in cells:
         if "ppl" not in cell:
             raise ValueError(f"cell {cell.get('name')!r} has no perplexities; run it with --eval-sets")
-        rows.append({**_cell_keys(cell), **{k: v["ppl"] for k, v in cell["ppl"].items()}})
+        row = {**_cell_keys(cell), "seeds": len(cell["runs"]) if cell["config"]["uses_calibration"] else 0}
+        for k, v in cell["ppl"].items():
+            row.update({k: v["ppl"], f"{k} min": v["min"], f"{k} max": v["max"]})
+        rows.append(row)
     out = _sorted(pd.DataFrame(rows))
-    out["bits"] = out["bits"].astype("Int64")
+    for col in ("bits", "CD passes", "seeds"):
+        out[col] = out[col].astype("Int64")
+    return out
+
+
+def with_ranges(table: pd.DataFrame, eval_sets: Sequence[str], fmt: str = ".2f") -> pd.DataFrame:
+    """The table for reading: each set's column as "mean [min, max]" over the seeds (one value where the
+    cell has one run), the min/max columns dropped; seeds 0 reads "calibration-free"."""
+    def text(mean, lo, hi):
+        def f(x):
+            return f"{x:.3g}" if abs(x) >= 1e4 else format(x, fmt)
+        if pd.isna(mean):
+            return "-"
+        return f(mean) if pd.isna(lo) or lo == hi else f"{f(mean)} [{f(lo)}, {f(hi)}]"
+
+    out = table.copy()
+    for s in eval_sets:
+        lo, hi = (out.get(f"{s} {k}", pd.Series([np.nan] * len(out))) for k in ("min", "max"))
+        out[s] = [text(m, a, b) for m, a, b in zip(out[s], lo, hi)]
+        out = out.drop(columns=[c for c in (f"{s} min", f"{s} max") if c in out])
+    out["seeds"] = ["-" if pd.isna(n) else ("calibration-free" if n == 0 else str(n)) for n in out["seeds"]]
     return out
 
 
@@ -111,28 +131,52 @@ def runtime_table(cells: Sequence[Mapping]) -> pd.DataFrame:
 
 
 def zeroshot_table(results: Mapping[str, Mapping]) -> pd.DataFrame:
-    """Table 3: accuracy (%) per task and the mean, one row per model; ``results``: label -> the
-    ``magr zeroshot --json`` output ({task: {"acc": ..., "n": ...}})."""
+    """Table 3: accuracy (%) per task with its standard error (lm-eval's acc_stderr, "<task> se") and the mean,
+    one row per model; ``results``: label -> the ``magr zeroshot --json`` output ({task: {"acc", "acc_stderr",
+    "n"}})."""
     def order(label: str) -> tuple:
         method = label.split(" ", 1)[-1]
         return (label != "float", METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), label)
 
     rows = []
     for label in sorted(results, key=order):
-        res = results[label]
+        res = {t: r for t, r in results[label].items() if isinstance(r, Mapping) and "acc" in r}
         row = {"model": label}
         for task, r in res.items():
-            if isinstance(r, Mapping) and "acc" in r:
-                row[task] = 100 * r["acc"]
-        accs = [v for k, v in row.items() if k != "model"]
-        row["mean"] = float(np.mean(accs)) if accs else math.nan
-        row["items per task"] = max((r.get("n") or 0) for r in res.values() if isinstance(r, Mapping)) \
-            if res else 0
+            row[task] = 100 * r["acc"]
+            row[f"{task} se"] = 100 * r["acc_stderr"] if r.get("acc_stderr") is not None else math.nan
+        row["mean"] = float(np.mean([100 * r["acc"] for r in res.values()])) if res else math.nan
+        row["items per task"] = max((r.get("n") or 0) for r in res.values()) if res else 0
         rows.append(row)
     df = pd.DataFrame(rows)
     if "items per task" in df:
         df["items per task"] = df["items per task"].astype("Int64")
     return df
+
+
+def with_errors(table: pd.DataFrame, columns: Sequence[str], fmt: str = ".1f") -> pd.DataFrame:
+    """The table for reading: each column as "value ± se" from its "<column> se" companion, which is dropped."""
+    out = table.copy()
+    for c in columns:
+        se = out.pop(f"{c} se") if f"{c} se" in out else pd.Series([np.nan] * len(out))
+        out[c] = ["-" if pd.isna(v) else (format(v, fmt) if pd.isna(e) else f"{v:{fmt}} ± {e:{fmt}}")
+                  for v, e in zip(out[c], se)]
+    return out
+
+
+def zeroshot_differences(results: Mapping[str, Mapping], a: str, b: str, z: float = 2.0) -> pd.DataFrame:
+    """Per task, accuracy of model ``a`` minus model ``b`` (points) with the standard error of the difference,
+    sqrt(se_a^2 + se_b^2) (conservative for the same items), and whether |difference| > z standard errors."""
+    rows = []
+    for task, ra in results[a].items():
+        rb = results[b].get(task)
+        if not (isinstance(ra, Mapping) and isinstance(rb, Mapping) and "acc" in ra and "acc" in rb):
+            continue
+        diff = 100 * (ra["acc"] - rb["acc"])
+        se = 100 * math.sqrt((ra.get("acc_stderr") or 0) ** 2 + (rb.get("acc_stderr") or 0) ** 2)
+        rows.append({"task": task, "difference (points)": diff, "se of the difference": se,
+                     f"larger than {z:g} se": abs(diff) > z * se})
+    return pd.DataFrame(rows)
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".2f", index: bool = False) -> str:
@@ -159,13 +203,14 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".2f", index: bool = False)
 
 
 def write_table(df: pd.DataFrame, stem: str | Path, title: str = "", notes: str = "",
-                floatfmt: str = ".2f", index: bool = False) -> tuple[Path, Path]:
-    """Write ``df`` as ``stem.csv`` and ``stem.md`` (title, table, notes); return both paths."""
+                floatfmt: str = ".2f", index: bool = False, view: pd.DataFrame | None = None) -> tuple[Path, Path]:
+    """Write ``df`` as ``stem.csv`` and ``stem.md`` (title, table - or ``view``, a formatted copy -, notes)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
     df.to_csv(csv, index=index)
-    parts = [f"## {title}\n" if title else "", markdown_table(df, floatfmt, index), f"\n{notes}" if notes else ""]
+    shown = markdown_table(df if view is None else view, floatfmt, index)
+    parts = [f"## {title}\n" if title else "", shown, f"\n{notes}" if notes else ""]
     md.write_text("\n".join(p for p in parts if p) + "\n")
     return csv, md
 

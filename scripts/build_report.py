@@ -1,5 +1,6 @@
 """Assemble reports/REPORT.md from the tables and figures the notebooks wrote, and reports/metrics.json
-(perplexities and zero-shot means, for `dvc metrics show` / `dvc exp show`).
+(every checked value with its stated uncertainty, magr.reproduction; `dvc metrics show`, and the reference of
+scripts/check_reproduction.py).
 
     python scripts/build_report.py --params params.yaml --reports reports --out reports/REPORT.md \
         --metrics reports/metrics.json
@@ -11,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from magr.machine import machine_info
+from magr.reproduction import report_values
 
 SECTIONS = [
     ("Figure 1: weight magnitudes before and after MagR", "fig1_row_max.md",
@@ -26,8 +27,13 @@ SECTIONS = [
      "Per-layer values: table1_feature_rank_layers.csv (notebook: table1_feature_rank)."),
     ("Table 2: perplexity", "table2_perplexity.md", ["table2_perplexity.png"],
      "One DVC stage per cell (`quantize@<cell>`); the paper's columns are LLaMA-2 (notebook: table2_perplexity)."),
+    ("Table 2: orderings, seed by seed", "table2_orderings.md", [],
+     "Runs with the same seed share their calibration windows, so each ordering is checked seed by seed; the report "
+     "states an ordering only where it holds in every seed (notebook: table2_perplexity)."),
     ("Table 3: zero-shot accuracy", "table3_zeroshot.md", ["table3_zeroshot.png"],
      "lm-evaluation-harness on the local copies of the four sets (notebook: table3_zeroshot)."),
+    ("Table 3: differences between models", "table3_differences.md", [],
+     "A difference is claimed only where it exceeds twice its standard error (notebook: table3_zeroshot)."),
     ("Table 4: wall time", "table4_runtime.md", ["table4_runtime.png"],
      "From the per-layer records and block times of the quantize cells (notebook: table4_runtime)."),
 ]
@@ -58,22 +64,6 @@ def settings_table(params: dict) -> str:
                       + ", ".join(f"{k} {v}" for k, v in zs.get("flags", {}).items())),
     ]
     return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-
-
-def metrics(reports: Path) -> dict:
-    out: dict = {}
-    t2 = reports / "table2_perplexity.csv"
-    if t2.is_file():
-        df = pd.read_csv(t2)
-        sets = [c for c in df.columns
-                if c not in ("setting", "method", "bits", "group", "CD passes") and not c.startswith("paper")]
-        out["ppl"] = {f"{s} {m}" if s != "float" else "float": {k: round(float(r[k]), 4) for k in sets}
-                      for s, m, (_, r) in zip(df["setting"], df["method"], df.iterrows())}
-    t3 = reports / "table3_zeroshot.csv"
-    if t3.is_file():
-        df = pd.read_csv(t3)
-        out["zeroshot_mean_acc"] = {m: round(float(v), 2) for m, v in zip(df["model"], df["mean"]) if m != "chance"}
-    return out
 
 
 def main(argv=None) -> int:
@@ -123,7 +113,7 @@ def main(argv=None) -> int:
         parts += [f"![{fig}]({fig})" for fig in figures if (reports / fig).is_file()]
         parts.append("")
     Path(args.out).write_text("\n".join(parts))
-    Path(args.metrics).write_text(json.dumps(metrics(reports), indent=2) + "\n")
+    Path(args.metrics).write_text(json.dumps(report_values(reports), indent=1) + "\n")
     print(f"wrote {args.out} and {args.metrics}")
     return 0
 

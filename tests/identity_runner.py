@@ -33,7 +33,7 @@ def canary(model) -> str:
 
 
 def main(path: str) -> None:
-    from magr.data import get_calibration
+    from magr.calibration_data import get_calibration
     from magr.methods import QuantConfig
     from magr.models import load_model
     from magr.pipeline import quantize_model
@@ -42,7 +42,7 @@ def main(path: str) -> None:
     spec = json.loads(open(path).read())
     model0, tok = load_model("stories260k")
     cal = spec["calibration"]
-    calib = get_calibration(cal["calib"], tok, nsamples=cal["nsamples"], seqlen=cal["seqlen"], seed=cal["seed"])
+    calib = get_calibration(cal["calib"], tok, cal["nsamples"], cal["seqlen"], cal["seed"], sampler=cal["sampler"])
     out = {"canary": canary(model0), "cases": {}}
     for name, case in spec["cases"].items():
         model = copy.deepcopy(model0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from magr import data
-from magr.data import calibration_text, eval_text, get_calibration, get_eval_tokens, random_windows
+from magr.calibration_data import calibration_documents, get_calibration, joined_windows
+from magr.data import eval_text, get_eval_tokens
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -30,16 +31,17 @@ def test_c4_eval_text_joins_documents(data_root):
 def test_tinystories_heldout_is_tail(data_root):
     whole = eval_text("tinystories", "validation", data_root=data_root)
     held = eval_text("tinystories", "heldout", data_root=data_root)
-    calib = calibration_text("tinystories", data_root=data_root)
+    (calib,), _ = calibration_documents("tinystories", data_root=data_root)
     assert calib + held == whole
     assert 0.15 < len(held) / len(whole) < 0.25
     assert calib.endswith("\n\n")  # cut at a story boundary
 
 
 def test_wikitext2_calibration_standin_warns(data_root, caplog):
-    with caplog.at_level("WARNING", logger="magr.data"):
-        text = calibration_text("wikitext2", data_root=data_root)
-    assert "wiki.valid.tokens" in caplog.text
+    with caplog.at_level("WARNING", logger="magr.calibration_data"):
+        rows, inside = calibration_documents("wikitext2", data_root=data_root)
+    text = "".join(rows)
+    assert "wiki.valid.tokens" in caplog.text and not inside
     assert "<unk>" in text and "Homarus gammarus" in text
 
 
@@ -63,19 +65,21 @@ def test_calibration_shapes_and_determinism(stories_tokenizer, data_root):
     a = get_calibration("tinystories", stories_tokenizer, seed=0, **kw)
     b = get_calibration("tinystories", stories_tokenizer, seed=0, **kw)
     c = get_calibration("tinystories", stories_tokenizer, seed=1, **kw)
+    d = get_calibration("tinystories", stories_tokenizer, seed=0, sampler="joined", **kw)
     assert a.shape == (8, 512) and a.dtype == torch.long
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
     assert (a >= 0).all() and (a < 512).all()
 
 
-def test_c4_calibration_windows_are_full_and_span_documents(stories_tokenizer, data_root):
-    # most C4 documents are shorter than 2048 tokens, so full windows must cross document boundaries
+def test_c4_joined_calibration_windows_are_full_and_span_documents(stories_tokenizer, data_root):
+    # most C4 documents are shorter than 2048 tokens, so the joined sampler's windows cross document boundaries
     with open(data_root / "c4" / "c4-train.slice.jsonl") as f:
         docs = [json.loads(line)["text"] for line in f]
     lengths = [len(ids) for ids in stories_tokenizer.sp_model.encode(docs)]
     assert sum(n >= 2048 for n in lengths) < len(lengths) / 2
-    w = get_calibration("c4", stories_tokenizer, nsamples=16, seqlen=2048, seed=0, data_root=data_root)
+    w = get_calibration("c4", stories_tokenizer, nsamples=16, seqlen=2048, seed=0, data_root=data_root,
+                        sampler="joined")
     assert w.shape == (16, 2048)
     joined = torch.tensor([1] + stories_tokenizer.sp_model.encode(" ".join(docs)))
     for row in w[:4]:  # every window is a contiguous slice of the joined token stream
@@ -89,6 +93,52 @@ def test_calibration_other_sources(stories_tokenizer, data_root, source):
     assert w.shape == (4, 256)
 
 
+def test_released_sampler_equals_the_released_loaders(stories_tokenizer):
+    """On a synthetic dataset of long and short documents, the released sampler gives the windows of a plain
+    transcription of the released code's get_c4 / get_wikitext2 loops (module-level random, seeded)."""
+    import random
+
+    from magr.calibration_data import released_document_windows, released_text_windows
+
+    words = "the cat sat on a mat while one dog ran to the park and back again".split()
+    gen = random.Random(7)
+    docs = [" ".join(gen.choice(words) for _ in range(gen.choice([5, 30, 400, 900]))) for _ in range(60)]
+    nsamples, seqlen, seed = 9, 128, 3
+
+    random.seed(seed)  # get_c4: retry until a document is longer than seqlen, then a window inside it
+    expected = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(docs) - 1)
+            ids = stories_tokenizer(docs[i])["input_ids"]
+            if len(ids) > seqlen:
+                break
+        j = random.randint(0, len(ids) - seqlen - 1)
+        expected.append(ids[j:j + seqlen])
+    got = released_document_windows(docs, stories_tokenizer, nsamples, seqlen, seed)
+    assert got.tolist() == expected
+
+    stream = torch.as_tensor(stories_tokenizer("\n\n".join(docs))["input_ids"])
+    random.seed(seed)  # get_wikitext2: windows of the "\n\n"-joined text
+    starts = [random.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
+    assert released_text_windows(stream, nsamples, seqlen, seed).tolist() == [stream[s:s + seqlen].tolist()
+                                                                             for s in starts]
+    assert released_document_windows(docs[:3], stories_tokenizer, 2, 10_000, 0) is None  # none long enough
+
+
+def test_c4_released_sampler_offline(stories_tokenizer, data_root, caplog):
+    w = get_calibration("c4", stories_tokenizer, nsamples=6, seqlen=512, seed=0, data_root=data_root)
+    docs, inside = calibration_documents("c4", data_root)
+    assert inside and w.shape == (6, 512)
+    encoded = [torch.as_tensor(stories_tokenizer(d)["input_ids"]) for d in docs]
+    for row in w:  # every window lies inside one document
+        assert any(any(torch.equal(e[s:s + 512], row) for s in (e[:-512] == row[0]).nonzero().flatten().tolist())
+                   for e in encoded if e.numel() > 512)
+    with caplog.at_level("WARNING", logger="magr.calibration_data"):
+        long = get_calibration("c4", stories_tokenizer, nsamples=2, seqlen=100_000, seed=0, data_root=data_root)
+    assert long is not None and "falling back" in caplog.text
+
+
 def test_tinystories_calibration_avoids_heldout(stories_tokenizer, data_root):
     held = eval_text("tinystories", "heldout", data_root=data_root)
     w = get_calibration("tinystories", stories_tokenizer, nsamples=32, seqlen=64, seed=0, data_root=data_root)
@@ -96,11 +146,11 @@ def test_tinystories_calibration_avoids_heldout(stories_tokenizer, data_root):
         assert stories_tokenizer.decode(row[8:56].tolist()) not in held
 
 
-def test_random_windows_bounds():
+def test_joined_windows_bounds():
     tokens = torch.arange(100)
-    w = random_windows(tokens, nsamples=200, seqlen=100, seed=5)
+    w = joined_windows(tokens, nsamples=200, seqlen=100, seed=5)
     assert (w == tokens).all()  # only one possible window
-    w = random_windows(tokens, nsamples=50, seqlen=10, seed=5)
+    w = joined_windows(tokens, nsamples=50, seqlen=10, seed=5)
     assert ((w[:, 1:] - w[:, :-1]) == 1).all()  # contiguous windows
     assert w[:, 0].max() <= 90 and w[:, 0].unique().numel() > 1  # every start fits, and the starts vary
 
@@ -126,7 +176,7 @@ def test_unknown_source(stories_tokenizer):
 
 def test_missing_local_file(stories_tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.txt"):
-        get_calibration(str(tmp_path / "absent.txt"), stories_tokenizer)
+        get_calibration(str(tmp_path / "absent.txt"), stories_tokenizer, 4, 64, 0)
 
 
 def test_missing_offline_file(stories_tokenizer, tmp_path):
@@ -149,7 +199,7 @@ def test_text_too_short(stories_tokenizer, tmp_path):
     f = tmp_path / "short.txt"
     f.write_text("Once upon a time.")
     with pytest.raises(ValueError, match=r"too short.*seqlen=2048"):
-        get_calibration(str(f), stories_tokenizer, nsamples=2, seqlen=2048)
+        get_calibration(str(f), stories_tokenizer, nsamples=2, seqlen=2048, seed=0)
 
 
 def test_bad_jsonl(tmp_path):

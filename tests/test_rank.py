@@ -72,7 +72,7 @@ def test_summarize_and_rank_summary():
 
 
 def test_feature_rank_table_on_stories260k(stories260k, stories_tokenizer, data_root):
-    from magr.data import get_calibration
+    from magr.calibration_data import get_calibration
 
     model, _ = stories260k
     calib = get_calibration("tinystories", stories_tokenizer, nsamples=3, seqlen=32, seed=0, data_root=data_root)
@@ -96,7 +96,7 @@ def test_feature_rank_table_on_stories260k(stories260k, stories_tokenizer, data_
 
 
 def test_magr_weight_samples_leave_the_model_unchanged(stories260k, stories_tokenizer, data_root):
-    from magr.data import get_calibration
+    from magr.calibration_data import get_calibration
 
     model, _ = stories260k
     before = {k: v.clone() for k, v in model.state_dict().items()}

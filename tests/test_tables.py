@@ -7,15 +7,17 @@ import pandas as pd
 import pytest
 
 from magr import tables
+from magr.cells import load_cells, ordering_table
 from magr.methods import QuantConfig
 from magr.persistence import write_run
 
 
 # ------------------------------------------------------------------------------------- Tables 2-4
-def _write_cell(root, name, method, bits, group, ppl, seconds=10.0, blocks=(4.0, 6.0)):
+def _write_cell(root, name, method, bits, group, ppl, seconds=10.0, blocks=(4.0, 6.0), seed=0):
     cfg = QuantConfig.build(method=method, bits=bits, group_size=group)
     meta = {"model": "m", "device": "cpu", "config": cfg.to_dict(),
-            "calibration": {"calib": "c4", "nsamples": 2, "seqlen": 8, "seed": 0}, "seconds": seconds,
+            "calibration": {"calib": "c4", "nsamples": 2, "seqlen": 8, "seed": seed, "sampler": "released"},
+            "seconds": seconds,
             "block_seconds": list(blocks),
             "ppl": {"wikitext2": {"ppl": ppl, "seqlen": 8, "max_windows": 2}, "c4": {"ppl": 2 * ppl}}}
     records = [{"block": b, "layer": n, "seconds": 1.0, "seconds_magr": 0.5 if "magr" in method else 0.0,
@@ -29,7 +31,7 @@ def test_perplexity_table_order_and_paper_columns(tmp_path):
     _write_cell(tmp_path, "a", "magr+optq", 3, None, 8.0)
     _write_cell(tmp_path, "b", "rtn", 4, None, 7.0)
     _write_cell(tmp_path, "c", "rtn", 3, None, 50.0)
-    cells = tables.load_cells(tmp_path)
+    cells = load_cells(tmp_path)
     assert [c["name"] for c in cells] == ["a", "b", "c", "g"]
     table = tables.perplexity_table(cells, {"ppl": {"wikitext2": {"ppl": 6.0}, "c4": {"ppl": 12.0}}})
     assert list(zip(table["setting"], table["method"])) == [
@@ -44,7 +46,7 @@ def test_perplexity_table_order_and_paper_columns(tmp_path):
 def test_runtime_table_splits_the_time(tmp_path):
     _write_cell(tmp_path, "x", "magr+optq", 3, None, 8.0, seconds=12.0, blocks=(5.0, 7.0))
     _write_cell(tmp_path, "y", "rtn", 3, None, 9.0, seconds=3.0, blocks=(1.0, 2.0))
-    table = tables.runtime_table(tables.load_cells(tmp_path))
+    table = tables.runtime_table(load_cells(tmp_path))
     assert list(table["method"]) == ["RTN", "MagR+OPTQ"]
     row = table.set_index("method").loc["MagR+OPTQ"]
     assert row["MagR (s)"] == pytest.approx(2.0) and row["quantizer (s)"] == pytest.approx(1.0)
@@ -54,9 +56,40 @@ def test_runtime_table_splits_the_time(tmp_path):
     assert row["paper LLaMA-2-7B A100 (min)"] == 35
 
 
+def test_seeds_give_means_ranges_and_seed_by_seed_orderings(tmp_path):
+    for seed, (optq, magr) in enumerate([(10.0, 8.0), (12.0, 13.0), (11.0, 9.0)]):
+        _write_cell(tmp_path / "w3-optq", f"seed-{seed}", "optq", 3, None, optq, seed=seed)
+        _write_cell(tmp_path / "w3-magr-optq", f"seed-{seed}", "magr+optq", 3, None, magr, seed=seed)
+    _write_cell(tmp_path / "w3-rtn", "seed-0", "rtn", 3, None, 50.0)  # calibration-free: one run
+    cells = load_cells(tmp_path)
+    table = tables.perplexity_table(cells).set_index("method")
+    assert table.loc["OPTQ", "wikitext2"] == pytest.approx(11.0)
+    assert (table.loc["OPTQ", "wikitext2 min"], table.loc["OPTQ", "wikitext2 max"]) == (10.0, 12.0)
+    assert table.loc["OPTQ", "seeds"] == 3 and table.loc["RTN", "seeds"] == 0
+    shown = tables.with_ranges(tables.perplexity_table(cells), ["wikitext2"]).set_index("method")
+    assert shown.loc["OPTQ", "wikitext2"] == "11.00 [10.00, 12.00]" and shown.loc["RTN", "wikitext2"] == "50.00"
+    assert shown.loc["RTN", "seeds"] == "calibration-free"
+    orders = ordering_table(cells, [("MagR+OPTQ", "OPTQ", "RTN")], ["W3"], ["wikitext2", "c4"], tables.cell_key)
+    row = orders.set_index("set").loc["wikitext2"]
+    assert row["seeds where it holds"] == "2 of 3 / 3 of 3" and not row["holds in every seed"]
+
+
+def test_zeroshot_standard_errors_and_differences():
+    res = {"float": {"piqa": {"acc": 0.70, "acc_stderr": 0.02, "n": 500}},
+           "W3 RTN": {"piqa": {"acc": 0.60, "acc_stderr": 0.02, "n": 500}},
+           "W3 MagR+OPTQ": {"piqa": {"acc": 0.62, "acc_stderr": 0.02, "n": 500}}}
+    table = tables.zeroshot_table(res)
+    assert table.set_index("model").loc["W3 RTN", "piqa se"] == pytest.approx(2.0)
+    assert tables.with_errors(table, ["piqa"]).set_index("model").loc["float", "piqa"] == "70.0 ± 2.0"
+    big = tables.zeroshot_differences(res, "float", "W3 RTN").iloc[0]
+    small = tables.zeroshot_differences(res, "W3 MagR+OPTQ", "W3 RTN").iloc[0]
+    assert big["difference (points)"] == pytest.approx(10.0) and big["larger than 2 se"]
+    assert small["se of the difference"] == pytest.approx(2.0 * 2 ** 0.5) and not small["larger than 2 se"]
+
+
 def test_load_cell_missing_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing"):
-        tables.load_cells(tmp_path, ["nothing"])
+        load_cells(tmp_path, ["nothing"])
 
 
 def test_labels_and_descriptions_come_from_the_presets():

@@ -1,0 +1,66 @@
+"""Does a fresh run reproduce the committed reports? Compare every reported value with its stated uncertainty.
+
+    python scripts/check_reproduction.py                  # after `make repro`: reports/ vs the committed ones
+    python scripts/check_reproduction.py --rerun          # rerun the whole pipeline (dvc repro --force) first
+    python scripts/check_reproduction.py --cell w3-optq   # rerun one quantize cell (all seeds) and its tables
+    python scripts/check_reproduction.py --rerun --threads 1   # ... with 1 torch thread (another machine's sums)
+
+Committed values: reports/metrics.json at a git revision (--committed, default HEAD), written by
+scripts/build_report.py; fresh values: the tables in the working tree's reports/. The rules (magr.reproduction):
+a seed-averaged perplexity must fall in the committed seed range, a calibration-free one within 0.1 %, a
+zero-shot accuracy within one standard error, a Table 1 fraction rank within 1 point. Prints one verdict per
+value and exits 1 if any value is outside or missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from magr.reproduction import compare, report_values
+from magr.tables import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def committed_values(rev: str) -> dict:
+    text = subprocess.run(["git", "show", f"{rev}:reports/metrics.json"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    return json.loads(text)
+
+
+def run(cmd: list[str], threads: int | None) -> None:
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--committed", default="HEAD", help="git revision whose reports/metrics.json is the reference")
+    p.add_argument("--rerun", action="store_true", help="rerun the whole pipeline first (dvc repro --force)")
+    p.add_argument("--cell", default=None, help="rerun this quantize cell of params.yaml first, then its tables")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the rerun (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the verdicts to this CSV file")
+    args = p.parse_args(argv)
+    if args.rerun:
+        run(["dvc", "repro", "--force"], args.threads)
+    elif args.cell:
+        run(["dvc", "repro", "--force", "--single-item", f"quantize@{args.cell}"], args.threads)
+        run(["dvc", "repro"], args.threads)
+    verdicts = compare(committed_values(args.committed), report_values(ROOT / "reports"))
+    print(markdown_table(verdicts, ".4g"))
+    counts = verdicts["verdict"].value_counts().to_dict()
+    print(f"\n{len(verdicts)} values: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    if args.out:
+        verdicts.to_csv(args.out, index=False)
+    return 0 if set(counts) <= {"within"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
