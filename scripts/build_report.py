@@ -45,6 +45,41 @@ EXTRA_SECTIONS = [
 ]
 
 
+UNCERTAINTY = """\
+How uncertain each number is (magr.reproduction; `python scripts/check_reproduction.py` checks a fresh run
+against these rules and prints a verdict per value):
+
+- perplexity of a cell that reads calibration data: the mean over the calibration seeds of `spread.seeds`, shown
+  with the seed range [min, max]; a rerun (another machine, another thread count) must give a mean inside it;
+- perplexity of the float model and of RTN (which reads no calibration data): one computation, exact up to the
+  order of float sums; stated uncertainty 0.1 % relative;
+- zero-shot accuracy: ± lm-eval's standard error over the items (the same items for every model); a difference
+  between two models is claimed only where it exceeds twice the standard error of the difference;
+- Table 1 fraction ranks: ± 1 percentage point (a singular value at the 1 % threshold may cross it);
+  Figure 1 row maxima: 0.1 % relative; wall times (Table 4) belong to the machine and are not checked;
+- orderings of methods (Table 2) are checked seed by seed and stated only where they hold in every seed."""
+
+FAITHFULNESS = """\
+Conventions of the released code (shared/docs/method-notes.md) and where this run follows them:
+
+| convention | here |
+|---|---|
+| plain RTN / OPTQ baselines (beta 1, no coordinate descent) | presets `rtn`, `optq` (beta 1) |
+| MagR methods: beta 0.8 / 0.9 / 1 at 2 / 3 / 4 bits, 0.95 at g128, 1 at g64 | presets `magr+*` |
+| MagR's X = the last calibration sample, normalised to lambda_max = 1, alpha 1e-3 / 1e-4 | `feature_source: last_sample`, `alpha` |
+| 200 ISTA iterations (paper text: 150) | `solver: ista` (the GPU profiles); the CPU default runs the FISTA solver with the iterations the settings table names, labelled in every table (it reaches a lower objective than the same budget of ISTA, benchmarks/NOTES.md) |
+| OPTQ per-group grid fitted on the block-start weights (GPTQ's code) | `group_grid: block_start` (default) |
+| coordinate descent after MagR+OPTQ: 1 pass, 30 at 2 bits; covariance damped 0.75 and normalised + 0.1 | `CD` defaults |
+| calibration: Python `random`, C4 window inside a random document longer than seqlen, WikiText-2 windows of the "\\n\\n"-joined train text | `sampler: released`; offline, the C4 train slice (1041 documents) and the WikiText-2 validation text stand in for the hub splits |
+| perplexity: non-overlapping 2048-token windows; C4 = first 256 x 2048 tokens of the first 1100 validation documents joined | the profile's `evaluation` (the CPU default uses fewer, shorter windows) |
+
+Observed in the released code but not followed: its `get_loaders("c4")` evaluates C4 on 256 random 2048-token
+windows of random validation documents (`get_c4_llama3`), not on the joined first 1100 documents that
+method-notes describe (`get_c4_new`); one released version runs the per-group MagR for 150 iterations and one calls
+a second, all-token MagR pass per channel (`W_proximal_preprocess_H`, not defined in the released MagR.py). We
+follow method-notes."""
+
+
 def _strip_title(md: str) -> str:
     lines = md.strip().splitlines()
     return "\n".join(lines[1:] if lines and lines[0].startswith("## ") else lines).strip()
@@ -56,7 +91,8 @@ def settings_table(params: dict) -> str:
         ("profile", params.get("profile")),
         ("model", f"{params['prepare']['source']} (saved as {params['model']}, {params['prepare']['dtype']})"),
         ("device", params.get("device")),
-        ("calibration", "{nsamples} windows x {seqlen} tokens of {calib}, seed {seed}".format(**cal)),
+        ("calibration", "{nsamples} windows x {seqlen} tokens of {calib}, {sampler} sampler".format(**cal)
+                        + f"; seeds {params.get('spread', {}).get('seeds', [cal.get('seed')])}"),
         ("perplexity", ", ".join(f"{k} {v}" for k, v in ev.items())),
         ("quantize (all cells)", ", ".join(f"{k} {v}" for k, v in params.get("quant", {}).items())),
         ("cells", ", ".join(params.get("cells", {}))),
@@ -101,6 +137,7 @@ def main(argv=None) -> int:
         "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in info.items()),
         "",
     ]
+    parts += ["## Uncertainty", "", UNCERTAINTY, "", "## Faithfulness", "", FAITHFULNESS, ""]
     wall = reports / "pipeline_wall_time.md"
     if wall.is_file():
         parts += ["Last measured pipeline wall time: see [pipeline_wall_time.md](pipeline_wall_time.md).", ""]
