@@ -4,7 +4,7 @@
 
 A step is a small config dataclass that is also the step's function: ``MagR`` (preprocessing,
 weights + statistics -> weights), ``RTN`` / ``OPTQ`` (quantizers, (W, H, grid) -> (Q, grid parameters)),
-``CD`` (refinement, (Q, W, H, grid parameters, grid) -> Q). The paper's methods are the named presets in
+``CD`` (refinement, (Q, W, H, grid parameters, grid) -> (Q, grid parameters)). The paper's methods are the named presets in
 :data:`PRESETS`, the one table that the CLI, the pipeline, the reports and their labels read. A new method
 is a new row; MagR in front of another quantizer is a row whose ``quantizer`` is any callable with the
 quantizer signature.

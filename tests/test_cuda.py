@@ -105,9 +105,9 @@ def test_optq_cuda_matches_cpu(bits, group_size, actorder, static_groups):
 def test_cd_refine_cuda_matches_cpu(group_size):
     W, H, _ = problem(9)
     Q, p = rtn(W, Grid(2, group_size, beta=0.8))
-    cpu = cd_refine(Q, W, H, p, 3, DAMP, EPS)
+    cpu, _ = cd_refine(Q, W, H, p, 3, DAMP, EPS)
     p_gpu = type(p)(p.scale.to(CUDA), p.zero.to(CUDA), p.maxq, p.g_idx.to(CUDA))
-    gpu = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 3, DAMP, EPS)
+    gpu, _ = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 3, DAMP, EPS)
     assert gpu.device.type == "cuda"
     mismatch = ((gpu.cpu() - cpu).abs() > 1e-5).float().mean().item()
     assert mismatch <= 1e-3, f"{mismatch:.2%} of entries differ"
