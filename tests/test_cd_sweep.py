@@ -239,3 +239,46 @@ def test_cd_settings_are_checked():
     cfg = QuantConfig.build(method="magr+optq-cd", bits=2, cd_grid="refit", cd_backend="torch")
     assert (cfg.refine.grid, cfg.refine.backend, cfg.refine.passes) == ("refit", "torch", 30)
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def triton_interpreter_check() -> int:
+    """The Triton sweep (in the interpreter) against the C kernel on tiny layers; returns differing codes.
+    Run by the test below in a subprocess, since TRITON_INTERPRET must be set before Triton compiles."""
+    from magr.cd_triton import sweep_triton
+    from magr.refinement import cd_covariance, sweep_grids
+
+    differing = 0
+    for bits, group_size, sym in ((2, None, False), (3, 8, False), (2, 8, True)):
+        W, H = correlated_layer(bits, out=18, n=24 if group_size is None else 32)
+        grid = Grid(bits, group_size, sym=sym, beta=0.9)
+        Q0, p = rtn(W, grid)
+        for refit in (None, grid):
+            runs = []
+            for sweep in (cd_sweep.sweep_cpu, sweep_triton):
+                N = cd_covariance(H, DAMP, EPS).float()
+                diag = torch.diagonal(N).double()
+                N.fill_diagonal_(0)
+                Q = Q0.clone()
+                T = ((W - Q) @ N).double() + W.double() * diag
+                params, g = sweep_grids(p, refit, W.shape[1])
+                ran = sweep(Q, T, N, params.scale, params.zero, params.g_idx, g, grid.beta, p.maxq, sym, 3)
+                runs.append((Q, params.scale, ran))
+            (qc, sc, rc), (qt, st, rt) = runs
+            assert torch.equal(sc, st) and torch.equal(rc, rt)
+            differing += int((qc != qt).sum())
+    return differing
+
+
+def test_triton_sweep_in_the_interpreter_equals_the_c_kernel():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    code = "import test_cd_sweep as t; print('differing', t.triton_interpreter_check())"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "differing 0"
