@@ -76,15 +76,16 @@ def sweep_grids(params: QuantParams, refit: Grid | None, n: int) -> tuple[QuantP
 
 
 def cd_refine(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: QuantParams, passes: int,
-              damp: float, eps: float, refit: Grid | None = None, block_size: int = 128
-              ) -> tuple[torch.Tensor, QuantParams]:
+              damp: float, eps: float, refit: Grid | None = None, block_size: int = 128,
+              stop_early: bool = True) -> tuple[torch.Tensor, QuantParams]:
     """``passes`` coordinate-descent passes over the columns of Q (module docstring): the pure-torch loop.
 
     ``refit`` None keeps the grids ``params``; a :class:`Grid` re-fits each group's grid with its formula
     at the group's first column in every pass. Returns (Q float32, the grids Q lies on). Blocks of columns:
     the targets of a block come from one matmul with the current Q; inside the block each new column
     corrects the later targets by a rank-1 update (the column loop in matmul form). Stops after a pass that
-    changed nothing (the further passes would repeat it exactly).
+    changed nothing (the further passes would repeat it exactly) unless ``stop_early`` is False (the loop as
+    it was before, for timing).
     """
     N = cd_covariance(H, damp, eps).to(torch.float32)
     W = W.float()
@@ -108,7 +109,7 @@ def cd_refine(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: QuantPa
                 delta = new - Q[:, j]
                 Q[:, j] = new
                 T[:, j - b0 + 1:] -= delta.unsqueeze(1) * N[j, j + 1:b1].unsqueeze(0)
-        if torch.equal(Q, start):
+        if stop_early and torch.equal(Q, start):
             break  # a pass that changed nothing: every further pass would repeat it
     return Q, params
 
