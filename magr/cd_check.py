@@ -14,7 +14,8 @@ implementations saw the same state of the row, and the exact target (float64) mu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -94,3 +95,20 @@ def compare_sweeps(Q0: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: Q
         ulps = _tie_distance(before[r], after[r], j, row_grid, W[r].float(), N, Nfull)
         out.ties.append({"row": r, "pass": pk, "column": j, "ulps": ulps})
     return out
+
+
+def layer_problems(model, calib: torch.Tensor, device: str = "cpu") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(layer name, W, H) of every linear layer of ``model`` (a copy is quantized by RTN W4 block by block, one
+    statistics pass per block, to collect H as the pipeline sees it)."""
+    from .methods import QuantConfig
+    from .pipeline import quantize_model
+
+    seen = []
+
+    def record(Q, W, H, params, grid):
+        seen.append((W.clone(), H.clone()))
+        return Q, params
+
+    cfg = replace(QuantConfig.build(method="rtn", bits=4), refine=record, true_sequential=False)
+    res = quantize_model(copy.deepcopy(model), calib, cfg, device=device, progress=False)
+    return [(name, W, H) for name, (W, H) in zip(res.params, seen)]

@@ -66,11 +66,18 @@ def _native_flag(cc: str) -> list[str]:
     return ["-march=native"] if ok.returncode == 0 else []
 
 
+def _compiler() -> str:
+    """The C compiler: $CC, else cc or gcc on PATH."""
+    name = os.environ.get("CC")
+    cc = shutil.which(name) if name else (shutil.which("cc") or shutil.which("gcc"))
+    if not cc:
+        raise Unavailable(f"C compiler CC={name!r} not found" if name else "no C compiler found (cc or gcc; set CC)")
+    return cc
+
+
 def build(force: bool = False) -> Path:
     """Compile magr/csrc/cd_sweep.c into the cache folder (once per source, compiler and CPU); return its path."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise Unavailable("no C compiler found (cc or gcc; set CC)")
+    cc = _compiler()
     flags = CFLAGS + _native_flag(cc)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, *flags, _cpu_signature()]).encode()).hexdigest()
@@ -95,8 +102,8 @@ def _library():
     """The loaded C kernel (ctypes); raises :class:`Unavailable` with the reason."""
     try:
         lib = ctypes.CDLL(str(build()))
-    except OSError as e:
-        raise Unavailable(f"could not load the built kernel: {e}") from e
+    except OSError as e:  # no writable cache folder, a compiler that cannot run, a library that cannot load
+        raise Unavailable(f"could not build or load the kernel: {e}") from e
     fn = lib.magr_cd_sweep
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_float, i64, i64, i64, ptr]

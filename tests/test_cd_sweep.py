@@ -55,24 +55,14 @@ def test_compiled_equals_torch_loop_on_random_layers(bits, group_size, refit_gri
 
 @pytest.fixture(scope="module")
 def stories_layers(_stories260k_cached):
-    """(name, W, H) of every linear layer of stories260K, H from 8 x 64 TinyStories tokens (as the pipeline)."""
+    """(W, H) of every linear layer of stories260K, H from 8 x 64 TinyStories tokens (as the pipeline)."""
+    from magr.cd_check import layer_problems
     from magr.data import get_calibration
-    from magr.pipeline import quantize_model
 
     model, tok = _stories260k_cached
-    calib = get_calibration("tinystories", tok, nsamples=8, seqlen=64, seed=0)
-    layers = []
-
-    def record(Q, W, H, params, grid):
-        layers.append((W.clone(), H.clone()))
-        return Q, params
-
-    import copy
-
-    cfg = replace(QuantConfig.build(method="rtn", bits=4), refine=record, true_sequential=False)
-    res = quantize_model(copy.deepcopy(model), calib, cfg, device="cpu", progress=False)
-    assert len(layers) == len(res.params) == 35
-    return layers
+    layers = layer_problems(model, get_calibration("tinystories", tok, nsamples=8, seqlen=64, seed=0))
+    assert len(layers) == 35
+    return [(W, H) for _, W, H in layers]
 
 
 @pytest.mark.parametrize("group_size", [None, 4])
@@ -219,7 +209,6 @@ def test_pipeline_stores_the_refined_grids(stories260k):
 def test_fallback_without_a_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("MAGR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cd_sweep, "_native_flag", lambda cc: [])
     cd_sweep._library.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="cd_backend='compiled' cannot run"):
@@ -227,8 +216,19 @@ def test_fallback_without_a_compiler(monkeypatch, tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="magr.refinement"):
             assert refine_function("auto", torch.device("cpu")) is cd_refine
         assert "using the pure-torch loop" in caplog.text
+        W, H = correlated_layer(2, out=8, n=16)
+        Q0, p, grid = start(W, H, 2, None)
+        Q, _ = CD(passes=2)(Q0, W, H, p, grid)  # runs, on the torch loop
+        torch.testing.assert_close(Q, cd_refine(Q0, W, H, p, 2, DAMP, EPS)[0], rtol=0, atol=0)
     finally:
         cd_sweep._library.cache_clear()
+
+
+def test_kernel_builds_into_a_fresh_cache_and_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAGR_CACHE_DIR", str(tmp_path / "cache"))
+    first = cd_sweep.build()
+    assert first.parent == tmp_path / "cache" and first.exists()
+    assert cd_sweep.build() == first and first.stat().st_mtime == cd_sweep.build().stat().st_mtime
 
 
 def test_cd_settings_are_checked():
