@@ -32,7 +32,7 @@ from magr.fista import fista_momenta
 from magr.kernels import prox_step_, prox_workspace
 from magr.optq import OPTQ
 from magr.projection import threshold_newton
-from magr.quantizers import Grid, rtn
+from magr.quantizers import Grid, default_beta, rtn
 from magr.refinement import CD, cd_refine, cd_refine_compiled
 from magr.solver import lambda_max
 
@@ -40,8 +40,9 @@ SHAPES = {
     "smollm2": {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576),
                 "down_proj": (576, 1536)},
     "llama2-7b": {"q/k/v/o_proj": (4096, 4096), "gate/up_proj": (11008, 4096), "down_proj": (4096, 11008)},
+    "tiny": {"layer": (24, 48)},  # smoke test
 }
-TOKENS = {"smollm2": 2048, "llama2-7b": 2048}  # SmolLM2 profile: 4 x 512 calibration tokens
+TOKENS = {"smollm2": 2048, "llama2-7b": 2048, "tiny": 64}  # SmolLM2 profile: 4 x 512 calibration tokens
 
 
 def layer(out: int, n: int, tokens: int, seed: int = 0):
@@ -114,7 +115,7 @@ def _time_matmul(P, Hn, G) -> float:
     return time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2,llama2-7b", help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--bits", type=int, default=2)
@@ -124,31 +125,32 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="repeat the whole measurement")
     ap.add_argument("--skip", default="", help="comma list of: cd, prox")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; W{args.bits} {'g%d' % args.group_size if args.group_size else 'per channel'}; "
-          f"CD {args.passes} passes; timings on a possibly shared machine: compare within this run")
+    args = ap.parse_args(argv)
+    grouping = f"g{args.group_size}" if args.group_size else "per channel"
+    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; W{args.bits} {grouping}; CD {args.passes} passes; timings on a possibly shared machine: "
+          "compare within this run")
+    grid = Grid(args.bits, args.group_size, beta=default_beta(args.bits, args.group_size))
     results = []
     for rep in range(args.repeats):
         for family in args.shapes.split(","):
             for name, (out, n) in SHAPES[family].items():
                 W, H = layer(out, n, TOKENS[family])
                 row = {"family": family, "layer": name, "shape": [out, n], "repeat": rep}
+                where = f"{family:9s} {name:13s} {out:5d} x {n:5d}"
                 if "cd" not in args.skip:
-                    small = family == "smollm2"
-                    row.update(bench_cd(W, H, Grid(args.bits, args.group_size, beta=0.8 if args.bits == 2 else 1.0),
-                                        args.passes, args.passes if small else 1, "optq" if small else "rtn"))
-                    print(f"{family:9s} {name:13s} {out:5d} x {n:5d}  CD {args.passes} passes: compiled "
-                          f"{row['compiled_s']:7.2f} s; torch loop {row['torch_s']:8.1f} s ({row['speedup']:5.1f}x), "
-                          f"without its early stop {row['torch_all_passes_s']:8.1f} s ({row['speedup_all_passes']:5.1f}x)"
+                    small = family != "llama2-7b"
+                    row.update(bench_cd(W, H, grid, args.passes, args.passes if small else 1, "optq" if small else "rtn"))
+                    print(f"{where}  CD {args.passes} passes: compiled {row['compiled_s']:7.2f} s; torch loop "
+                          f"{row['torch_s']:8.1f} s ({row['speedup']:5.1f}x), without its early stop "
+                          f"{row['torch_all_passes_s']:8.1f} s ({row['speedup_all_passes']:5.1f}x)"
                           f"{'; torch: 1 pass x30, extrapolated' if row['torch_extrapolated'] else ''}; "
                           f"differing codes {row['differing_codes']}", flush=True)
                 if "prox" not in args.skip:
                     row.update(bench_prox(W, H, args.group_size, args.prox_iters))
-                    print(f"{family:9s} {name:13s} {out:5d} x {n:5d}  FISTA iteration: matmul "
-                          f"{1e3 * row['matmul_s']:7.1f} ms, prox {1e3 * row['prox_s']:6.1f} ms "
-                          f"({row['prox_share']:.0%} of the iteration; previous prox {1e3 * row['prox_previous_s']:.1f} ms, "
-                          f"{row['prox_previous_share']:.0%})", flush=True)
+                    print(f"{where}  FISTA iteration: matmul {1e3 * row['matmul_s']:7.1f} ms, prox "
+                          f"{1e3 * row['prox_s']:6.1f} ms ({row['prox_share']:.0%} of the iteration; previous prox "
+                          f"{1e3 * row['prox_previous_s']:.1f} ms, {row['prox_previous_share']:.0%})", flush=True)
                 results.append(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -51,7 +51,8 @@ def main():
                         entries = differing = rows = 0
                         ties = []
                         for W, H, Q0, p in starts:
-                            res = compare_sweeps(Q0, W, H, p, passes, cd.damp, cd.eps, grid if cd_grid == "refit" else None)
+                            refit = grid if cd_grid == "refit" else None
+                            res = compare_sweeps(Q0, W, H, p, passes, cd.damp, cd.eps, refit)
                             entries, differing, rows = entries + res.entries, differing + res.differing, rows + res.rows
                             ties += res.ties
                         worst = max((t["ulps"] for t in ties), default=None)

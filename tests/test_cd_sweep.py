@@ -22,7 +22,8 @@ TIE_ULPS = 256  # a first difference must lie within 256 x 2^-24 of the terms' m
 def correlated_layer(seed: int, out: int = 48, n: int = 96, tokens: int = 256):
     """W (out x n) with outliers and H = X^T X of correlated features of rank < n."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(tokens, n // 2, generator=g) @ torch.randn(n // 2, n, generator=g) + 0.1 * torch.randn(tokens, n, generator=g)
+    X = torch.randn(tokens, n // 2, generator=g) @ torch.randn(n // 2, n, generator=g)
+    X += 0.1 * torch.randn(tokens, n, generator=g)
     W = 0.05 * torch.randn(out, n, generator=g)
     W[::5, 3] = 0.4
     return W, X.T @ X
@@ -282,3 +283,13 @@ def test_triton_sweep_in_the_interpreter_equals_the_c_kernel():
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "differing 0"
+
+
+def test_benchmark_script_runs(capsys, monkeypatch):
+    """benchmarks/bench_cd.py end to end on a tiny layer: both timings printed, no differing code."""
+    from conftest import load_benchmark
+
+    load_benchmark("bench_cd", monkeypatch).main(["--shapes", "tiny", "--passes", "3", "--prox-iters", "3"])
+    out = capsys.readouterr().out
+    assert "differing codes 0" in out and "without its early stop" in out
+    assert "of the iteration; previous prox" in out

@@ -315,15 +315,9 @@ def test_lanczos_on_cuda():
 
 def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
     """benchmarks/bench_magr.py end to end on the tiny block with few iterations."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_magr.py"
-    spec = importlib.util.spec_from_file_location("bench_magr", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_magr", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_magr", monkeypatch)
     bench.main(["--device", "cpu", "--shape", "tiny", "--ref-iters", "12", "--iters", "10", "--repeats", "1",
                 "--variants", "default,ista", "--trace", "12"])
     out = capsys.readouterr().out

@@ -82,7 +82,8 @@ int64_t magr_cd_sweep(int64_t rows, int64_t n, int64_t tile, float *Q, double *T
                     if (!active[i]) continue;
                     const int64_t r = r0 + i;
                     float *q = Q + r * n, *sr = scale + r * n_groups, *zr = zero + r * n_groups;
-                    if (refit) fit_grid(q + j, refit_group, beta, maxq, sym, sr + j / refit_group, zr + j / refit_group);
+                    if (refit)
+                        fit_grid(q + j, refit_group, beta, maxq, sym, sr + j / refit_group, zr + j / refit_group);
                     const float v = nearest((float)T[r * n + j], sr[g_idx[j]], zr[g_idx[j]], maxq);
                     if (v != q[j]) {
                         delta[nc] = (double)v - (double)q[j];
