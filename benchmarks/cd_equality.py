@@ -7,6 +7,7 @@ and the exact target's distance to the rounding boundary is printed in units of 
 target's terms (magr.cd_check). tests/test_cd_sweep.py asserts the same on the same problems.
 
     python benchmarks/cd_equality.py                 # stories260K (g4) and random layers (g16)
+    python benchmarks/cd_equality.py --llama q/k/v/o_proj,gate/up_proj   # + LLaMA-2-7B shapes: W2, 1 pass, RTN start
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from magr.cd_check import compare_sweeps, layer_problems
 from magr.optq import OPTQ
-from magr.quantizers import Grid, default_beta
+from magr.quantizers import Grid, default_beta, rtn
 from magr.refinement import CD
 
 
@@ -33,14 +34,24 @@ def random_layers(count: int, out: int = 48, n: int = 96, tokens: int = 256):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random", type=int, default=6, help="random correlated layers (48 x 96)")
+    ap.add_argument("--llama", default="", help="also these LLaMA-2-7B layer shapes of bench_cd.py (comma list; "
+                    "W2 per channel, 1 pass from RTN codes, H as in bench_cd.py)")
     args = ap.parse_args()
+    cd = CD()
+    for name in filter(None, args.llama.split(",")):
+        from bench_cd import SHAPES, TOKENS, layer
+
+        W, H = layer(*SHAPES["llama2-7b"][name], TOKENS["llama2-7b"])
+        Q0, p = rtn(W, Grid(2, None, beta=default_beta(2)))
+        res = compare_sweeps(Q0, W, H, p, 1, cd.damp, cd.eps)
+        print(f"llama2-7b {name} {tuple(W.shape)} W2 pc keep 1 pass: {res.differing} of {res.entries} codes differ "
+              f"in {res.rows} rows; first differences: {res.ties}", flush=True)
     from magr.data import get_calibration
     from magr.models import load_model
 
     model, tok = load_model("stories260k")
     suites = {"stories260k (g4)": (layer_problems(model, get_calibration("tinystories", tok, 8, 64, seed=0)), 4),
               "random (g16)": (list(random_layers(args.random)), 16)}
-    cd = CD()
     for suite, (layers, group) in suites.items():
         for bits in (2, 3, 4):
             for group_size in (None, group):

@@ -51,8 +51,8 @@ if triton is not None:
         r64 = rows.to(tl.int64)
         active = inside.to(tl.int32)
         ran = tl.zeros([ROWS], dtype=tl.int32)
-        p = 0
         n_active = tl.sum(active, axis=0)
+        p = n_active * 0  # an int32 scalar: loop-carried values keep one type
         while (p < passes) & (n_active > 0):
             changed = tl.zeros([ROWS], dtype=tl.int32)
             for j in range(0, n):

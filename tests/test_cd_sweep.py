@@ -293,3 +293,21 @@ def test_benchmark_script_runs(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "differing codes 0" in out and "without its early stop" in out
     assert "of the iteration; previous prox" in out
+
+
+def test_triton_sweep_compiles_for_sm90_with_ieee_arithmetic():
+    """Ahead-of-time compilation for an H100/H200 (no GPU needed): IEEE division, no FMA contraction."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from magr import cd_triton
+
+    sig = {"Q": "*fp32", "T": "*fp64", "N": "*fp32", "S": "*fp32", "Z": "*fp32", "GI": "*i64", "RAN": "*i64",
+           "out": "i32", "n": "i32", "n_groups": "i32", "refit_group": "i32", "passes": "i32", "beta": "fp32",
+           "maxq": "fp32", "ROWS": "constexpr", "BK": "constexpr", "GB": "constexpr", "REFIT": "constexpr",
+           "SYM": "constexpr"}
+    src = ASTSource(fn=cd_triton._cd_sweep_kernel, signature=sig,
+                    constexprs={"ROWS": cd_triton.ROWS, "BK": cd_triton.BK, "GB": 128, "REFIT": True, "SYM": False})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "fma.rn" not in ptx
