@@ -91,7 +91,7 @@ def magr_fista(
     With ``return_info`` also returns a :class:`MagrInfo` (objectives [F(W_hat), F(result)] in float64), or,
     given ``rows`` (consecutive row counts summing to out_features), a list of one per block of rows.
     """
-    from .kernels import prox_step_, resolve_backend
+    from .kernels import prox_step_, prox_workspace, resolve_backend
 
     check_problem(W, H, alpha, iters)
     if precision not in PRECISIONS:
@@ -119,10 +119,11 @@ def magr_fista(
     Wk = W_hat.clone()
     P = torch.zeros_like(W_hat, dtype=mm_dtype)  # Y_0 - W_hat
     G = torch.empty_like(P)
+    work = prox_workspace(W_hat) if resolve_backend(kernel, W.device) == "torch" else None
     with matmul_precision(precision):
         for k, m in enumerate(momenta, start=1):
             torch.matmul(P, Hm, out=G)
-            prox_step_(W_hat, Wk, P, G, prox_t, m, group_size, backend=kernel)
+            prox_step_(W_hat, Wk, P, G, prox_t, m, group_size, backend=kernel, work=work)
             if callback is not None:
                 callback(k, Wk)
     out = Wk.to(W.dtype)

@@ -36,23 +36,71 @@ BACKENDS = ("auto", "triton", "torch")
 NEWTON_MAX_STEPS = 64
 
 
-def linf_threshold_from_max(A: torch.Tensor, t: float, max_steps: int = NEWTON_MAX_STEPS) -> torch.Tensor:
+def _newton_on_candidates(vals, rows, tau, t: float, n_rows: int, max_steps: int):
+    """Newton/Michelot steps on the candidate entries only (values ``vals`` of rows ``rows``), from ``tau``.
+
+    Returns (tau, count): the last step left every row's active set (of ``count`` entries) unchanged.
+    """
+    count = None
+    for _ in range(max_steps):
+        act = vals > tau[rows]
+        new_count = torch.bincount(rows[act], minlength=n_rows)
+        if count is not None and torch.equal(new_count, count):
+            break
+        count = new_count
+        s = torch.zeros(n_rows, dtype=vals.dtype, device=vals.device).index_add_(0, rows[act], vals[act])
+        tau = torch.maximum(tau, (s - t) / count.clamp(min=1).to(vals.dtype))
+    return tau, count
+
+
+def linf_threshold_from_max(A: torch.Tensor, t: float, max_steps: int = NEWTON_MAX_STEPS,
+                            mask: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """tau >= 0 per row of a nonnegative A with sum_i max(A_i - tau, 0) = t (tau = 0 if sum A <= t).
 
-    Newton/Michelot from tau_0 = max(max A - t, 0), a lower bound of the root; returns shape (rows, 1).
+    Newton/Michelot, tau <- max(tau, (sum_{A_i > tau} A_i - t) / #{A_i > tau}) for every row at once, from
+    tau_0 = max(max A - t, 0), a lower bound of the root: tau only rises, so only the few candidates
+    A_i > tau_0 can ever be active, and the steps run on those alone (gathered once). The search ends when
+    no row's active set changes; the last step is then taken again on the full rows (the sum over the
+    active set as a full-row masked sum, as :func:`magr.projection.threshold_newton` takes it, so the result
+    is the same to the bit) and checked: where an active set would still change, the full-row Newton
+    search runs instead. The root is the sort formula's tau. ``mask`` (bool) and ``kept`` (A's dtype), shaped
+    like A, are optional work buffers. Returns shape (rows, 1).
     """
     from .projection import threshold_newton
 
+    mask = torch.empty_like(A, dtype=torch.bool) if mask is None else mask
+    kept = torch.empty_like(A) if kept is None else kept
     tau0 = (A.amax(dim=1, keepdim=True) - t).clamp(min=0)
-    return threshold_newton(A, t, max_iter=max_steps, tau0=tau0)
+    rows, cols = torch.gt(A, tau0, out=mask).nonzero(as_tuple=True)
+    vals = A[rows, cols]
+    tau, count = _newton_on_candidates(vals, rows, tau0[:, 0], t, A.shape[0], max_steps)
+    if count is None:  # no row has a candidate (t = 0 or all rows zero)
+        return tau0
+    active = torch.gt(A, tau.unsqueeze(1), out=mask)
+    s = torch.where(active, A, A.new_zeros(()), out=kept).sum(dim=1)
+    tau = torch.maximum(tau0[:, 0], (s - t) / count.clamp(min=1).to(A.dtype))
+    if not torch.equal(torch.bincount(rows[vals > tau[rows]], minlength=A.shape[0]), count):
+        return threshold_newton(A, t, max_iter=max_steps, tau0=tau0)  # a float tie moved a set: full search
+    return tau.unsqueeze(1).clamp(min=0)
 
 
-def _prox_step_torch(W_hat, W, P, G, t: float, momentum: float, seg: int) -> None:
-    V = (W_hat + P.to(W_hat.dtype) - G.to(W_hat.dtype)).reshape(-1, seg)
-    tau = linf_threshold_from_max(V.abs(), t)
-    W_new = torch.minimum(torch.maximum(V, -tau), tau).reshape(W.shape)
-    P.copy_(W_new + momentum * (W_new - W) - W_hat)
-    W.copy_(W_new)
+def prox_workspace(W: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Work buffers of the torch prox step for weights shaped like W, to reuse across iterations (a fresh
+    buffer in every step costs a page fault per 4 KiB page on first touch, often more than the arithmetic)."""
+    return {"V": torch.empty_like(W), "A": torch.empty_like(W), "mask": torch.empty_like(W, dtype=torch.bool),
+            "kept": torch.empty_like(W)}
+
+
+def _prox_step_torch(W_hat, W, P, G, t: float, momentum: float, seg: int, work=None) -> None:
+    work = prox_workspace(W_hat) if work is None else work
+    V = torch.add(W_hat, P.to(W_hat.dtype), out=work["V"]).sub_(G.to(W_hat.dtype))  # V = W_hat + P - G
+    A = torch.abs(V, out=work["A"])
+    tau = linf_threshold_from_max(A.view(-1, seg), t, mask=work["mask"].view(-1, seg), kept=work["kept"].view(-1, seg))
+    Vs = V.view(-1, seg)
+    torch.minimum(torch.maximum(Vs, -tau, out=Vs), tau, out=Vs)  # W_new = clip(V, -tau, tau), in place
+    D = torch.sub(V, W, out=A).mul_(momentum)  # m (W_new - W), in A's buffer
+    P.copy_(torch.add(V, D, out=D).sub_(W_hat))  # W_new + m (W_new - W) - W_hat
+    W.copy_(V)
 
 
 if HAVE_TRITON:
@@ -138,12 +186,13 @@ def _interpreting() -> bool:
 
 
 def prox_step_(W_hat, W, P, G, t: float, momentum: float = 0.0, group_size: int | None = None,
-               backend: str = "auto") -> None:
+               backend: str = "auto", work: dict | None = None) -> None:
     """In place: W <- prox_{t||.||_inf}(W_hat + P - G) per row (or group); P <- W_new + m (W_new - W_old) - W_hat.
 
     W_hat and W are float32 or float64 (out x in); P (the matmul input, may be bfloat16) and G (the
     gradient P @ H, any float dtype) have the same shape. ``t`` >= 0 is the prox scale, ``momentum``
-    the extrapolation weight m (0 for plain proximal gradient).
+    the extrapolation weight m (0 for plain proximal gradient). ``work``: :func:`prox_workspace` of W_hat,
+    reused by the torch backend across calls.
     """
     if not (W_hat.shape == W.shape == P.shape == G.shape) or W.dim() != 2:
         raise ValueError(
@@ -159,4 +208,4 @@ def prox_step_(W_hat, W, P, G, t: float, momentum: float = 0.0, group_size: int 
     if kind == "triton" and W.dtype == torch.float32 and W_hat.dtype == torch.float32:
         _prox_step_triton(W_hat, W, P, G, t, momentum, seg)
     else:
-        _prox_step_torch(W_hat, W, P, G, t, momentum, seg)
+        _prox_step_torch(W_hat, W, P, G, t, momentum, seg, work)

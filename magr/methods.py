@@ -4,10 +4,10 @@
 
 A step is a small config dataclass that is also the step's function: ``MagR`` (preprocessing,
 weights + statistics -> weights), ``RTN`` / ``OPTQ`` (quantizers, (W, H, grid) -> (Q, grid parameters)),
-``CD`` (refinement, (Q, W, H, grid parameters, grid) -> Q). The paper's methods are the named presets in
-:data:`PRESETS`, the one table that the CLI, the pipeline, the reports and their labels read. A new method
-is a new row; MagR in front of another quantizer is a row whose ``quantizer`` is any callable with the
-quantizer signature.
+``CD`` (refinement, (Q, W, H, grid parameters, grid) -> (Q, the grid parameters Q lies on)). The paper's
+methods are the named presets in :data:`PRESETS`, the one table that the CLI, the pipeline, the reports and
+their labels read. A new method is a new row; MagR in front of another quantizer is a row whose ``quantizer``
+is any callable with the quantizer signature.
 
 :class:`QuantConfig` is one run's settings: a preset plus overrides, given as flat names (``bits``,
 ``group_size``, ``alpha``, ``cd_passes``, ...; :mod:`magr.settings`), resolved to explicit values.

@@ -141,7 +141,7 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
     Q = Q.to(dtype)
     g_idx = torch.empty(n, dtype=torch.long, device=W.device)
     g_idx[perm] = group_of
-    return Q, QuantParams(scale_g, zero_g, grid.maxq, g_idx)
+    return Q, QuantParams(scale_g, zero_g, grid.maxq, g_idx, static=static_groups and group_size is not None)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ H (all calibration tokens) and H_last (the last sample), the method's steps run:
 
     W' = preprocess(W; H or H_last)   (MagR, optional)
     Q, grid = quantizer(W'; H)        (RTN or OPTQ)
-    Q = refine(Q; W, H, grid)         (coordinate descent, optional)
+    Q, grid = refine(Q; W, H, grid)   (coordinate descent, optional; may re-fit the grid)
 
 The steps come from the config (:class:`magr.methods.QuantConfig`); this module only walks the model, times
 the steps and writes per-layer records. Finished blocks can be checkpointed and a rerun resumes
@@ -91,7 +91,7 @@ def quantize_group(layers: list[nn.Linear], st: LayerStats | None, cfg: QuantCon
         (Q, params), rec["seconds_quant"] = _timed(cfg.quantizer, W, st.H if st else None, cfg.grid)
         rec["seconds_refine"] = 0.0
         if cfg.refine is not None:
-            Q, rec["seconds_refine"] = _timed(cfg.refine, Q, W_orig, st.H, params, cfg.grid)
+            (Q, params), rec["seconds_refine"] = _timed(cfg.refine, Q, W_orig, st.H, params, cfg.grid)
         rec.update(_reconstruction_error(Q, W_orig, st))
         rec.setdefault("seconds_magr", 0.0)
         rec["seconds"] = rec["seconds_magr"] + rec["seconds_quant"] + rec["seconds_refine"]

@@ -31,19 +31,23 @@ def default_beta(bits: int, group_size: int | None = None) -> float:
 
 @dataclass
 class QuantParams:
-    """Grid parameters: ``scale``/``zero`` have shape (out, n_groups); ``g_idx`` maps input column -> group."""
+    """Grid parameters: ``scale``/``zero`` have shape (out, n_groups); ``g_idx`` maps input column -> group.
+
+    ``static``: the grids were fixed before quantization (OPTQ's static groups); a refinement keeps them.
+    """
 
     scale: torch.Tensor
     zero: torch.Tensor
     maxq: int
     g_idx: torch.Tensor  # (in,) long
+    static: bool = False
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """scale and zero expanded to one column per input, shape (out, in)."""
         return self.scale[:, self.g_idx], self.zero[:, self.g_idx]
 
     def cpu(self) -> "QuantParams":
-        return QuantParams(self.scale.cpu(), self.zero.cpu(), self.maxq, self.g_idx.cpu())
+        return QuantParams(self.scale.cpu(), self.zero.cpu(), self.maxq, self.g_idx.cpu(), self.static)
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,17 @@ def stories260k(_stories260k_cached):
 def stories_tokenizer(_stories260k_cached):
     """The sentencepiece tokenizer of stories260K (shared, do not modify)."""
     return _stories260k_cached[1]
+
+
+def load_benchmark(name: str, monkeypatch):
+    """The module benchmarks/<name>.py (registered in sys.modules for the test, as dataclasses need)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -105,11 +105,29 @@ def test_optq_cuda_matches_cpu(bits, group_size, actorder, static_groups):
 def test_cd_refine_cuda_matches_cpu(group_size):
     W, H, _ = problem(9)
     Q, p = rtn(W, Grid(2, group_size, beta=0.8))
-    cpu = cd_refine(Q, W, H, p, 3, DAMP, EPS)
+    cpu, _ = cd_refine(Q, W, H, p, 3, DAMP, EPS)
     p_gpu = type(p)(p.scale.to(CUDA), p.zero.to(CUDA), p.maxq, p.g_idx.to(CUDA))
-    gpu = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 3, DAMP, EPS)
+    gpu, _ = cd_refine(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 3, DAMP, EPS)
     assert gpu.device.type == "cuda"
     mismatch = ((gpu.cpu() - cpu).abs() > 1e-5).float().mean().item()
     assert mismatch <= 1e-3, f"{mismatch:.2%} of entries differ"
     assert cd_objective(gpu.cpu(), W, H, DAMP, EPS) == pytest.approx(cd_objective(cpu, W, H, DAMP, EPS), rel=1e-4)
     assert cd_objective(gpu.cpu(), W, H, DAMP, EPS) <= cd_objective(Q, W, H, DAMP, EPS)
+
+
+@pytest.mark.parametrize("cd_grid", ["keep", "refit"])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_compiled_cd_on_cuda_equals_the_cpu_kernel(group_size, cd_grid):
+    """The Triton sweep gives the C kernel's codes (differences only at rounding ties, counted)."""
+    from magr.cd_check import codes
+    from magr.refinement import cd_refine_compiled
+
+    W, H, _ = problem(10, out=96, n=128)
+    grid = Grid(2, group_size, beta=0.8)
+    Q, p = rtn(W, grid)
+    refit = grid if cd_grid == "refit" else None
+    cpu, p_cpu = cd_refine_compiled(Q, W, H, p, 30, DAMP, EPS, refit)
+    p_gpu = type(p)(p.scale.to(CUDA), p.zero.to(CUDA), p.maxq, p.g_idx.to(CUDA))
+    gpu, p_gpu = cd_refine_compiled(Q.to(CUDA), W.to(CUDA), H.to(CUDA), p_gpu, 30, DAMP, EPS, refit)
+    differ = (codes(gpu.cpu(), p_gpu.cpu()) != codes(cpu, p_cpu)).float().mean().item()
+    assert differ <= 1e-3, f"{differ:.2%} of codes differ"

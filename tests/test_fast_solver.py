@@ -51,6 +51,47 @@ def test_threshold_from_max_matches_sort(rows, n, t, ties, seed):
     assert torch.all(torch.where(inside, tau == 0, (f - t).abs() <= 1e-9 * (1 + A.sum(dim=1, keepdim=True))))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), n=st.integers(1, 40), t=st.sampled_from([0.0, 1e-3, 0.05, 0.5, 5.0]),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_threshold_on_candidates_is_the_full_row_newton_to_the_bit(rows, n, t, ties, seed):
+    """The candidate-only search returns exactly the float32 tau of the full-row Newton search it replaced."""
+    from magr.projection import threshold_newton
+
+    A = torch.rand(rows, n, generator=torch.Generator().manual_seed(seed))
+    if ties:
+        A = (A * 4).round() / 4
+    tau0 = (A.amax(dim=1, keepdim=True) - t).clamp(min=0)
+    assert torch.equal(linf_threshold_from_max(A, t), threshold_newton(A, t, max_iter=64, tau0=tau0))
+
+
+def test_threshold_falls_back_to_the_full_search_when_a_set_moves(monkeypatch):
+    A = torch.rand(5, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    real = kernels._newton_on_candidates
+    monkeypatch.setattr(kernels, "_newton_on_candidates", lambda *a: (a[2], real(*a)[1]))  # stops too early
+    import magr.projection
+
+    calls = []
+    full = magr.projection.threshold_newton
+    monkeypatch.setattr(magr.projection, "threshold_newton", lambda *a, **k: calls.append(1) or full(*a, **k))
+    tau = linf_threshold_from_max(A, 0.5)
+    assert calls, "the exactness check did not send the search to the full rows"
+    assert torch.allclose(tau, l1_threshold(A, 0.5, method="sort"), atol=1e-12)
+
+
+def test_prox_step_reuses_its_workspace():
+    g = torch.Generator().manual_seed(4)
+    W_hat = 0.02 * torch.randn(6, 16, generator=g)
+    runs = []
+    for work in (None, kernels.prox_workspace(W_hat)):
+        W, P = W_hat.clone(), torch.zeros_like(W_hat)
+        for k in range(4):
+            G = 1e-2 * torch.randn(6, 16, generator=torch.Generator().manual_seed(k))
+            prox_step_(W_hat, W, P, G, 1e-3, 0.5, 8, backend="torch", work=work)
+        runs.append((W, P))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("group_size", [None, 8])
 @pytest.mark.parametrize("momentum", [0.0, 0.6])
 def test_prox_step_torch_is_prox_then_extrapolation(group_size, momentum):
@@ -274,15 +315,9 @@ def test_lanczos_on_cuda():
 
 def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
     """benchmarks/bench_magr.py end to end on the tiny block with few iterations."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_magr.py"
-    spec = importlib.util.spec_from_file_location("bench_magr", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_magr", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_magr", monkeypatch)
     bench.main(["--device", "cpu", "--shape", "tiny", "--ref-iters", "12", "--iters", "10", "--repeats", "1",
                 "--variants", "default,ista", "--trace", "12"])
     out = capsys.readouterr().out
