@@ -44,17 +44,20 @@ def ref_grid(w: torch.Tensor, bits: int, beta: float) -> tuple[torch.Tensor, tor
     return delta.unsqueeze(1), torch.round(-xmin / delta).unsqueeze(1)
 
 
+def without_dead_inputs(W, H, bits):
+    """float64 copies with dead inputs (H[j, j] = 0) set to H[j, j] = 1 and w_j = 0, as GPTQ; (W, H, n, maxq)."""
+    W, H = W.double().clone(), H.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, W.shape[1], 2**bits - 1
+
+
 def ref_optq(W, H, bits, group_size=None, beta=1.0, percdamp=0.01, actorder=False, static_groups=False):
     """GPTQ without lazy blocks, in float64: for each column j in order, q_j = quant(w_j),
     err = (w_j - q_j) / U[j, j], W[:, j+1:] -= err U[j, j+1:], with U the upper Cholesky factor of
     (H + percdamp * mean(diag H) I)^{-1}. Dead inputs (H[j, j] = 0) get H[j, j] = 1 and w_j = 0."""
-    W = W.double().clone()
-    H = H.double().clone()
-    n = W.shape[1]
-    maxq = 2**bits - 1
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H, n, maxq = without_dead_inputs(W, H, bits)
     g = group_size or n
     initial_grids = [ref_grid(W[:, k * g:(k + 1) * g], bits, beta) for k in range(n // g)]
     perm = torch.argsort(torch.diagonal(H), descending=True) if actorder else torch.arange(n)
@@ -81,13 +84,7 @@ def released_optq(W, H, bits, group_size, beta=1.0, percdamp=0.01, blocksize=128
     """The released MagR code's OPTQ loop (GPTQ's fasterquant), transcribed in float64 without act-order or
     static groups: lazy blocks of ``blocksize`` columns; a group's grid is fitted when its first column j is
     reached, on W[:, j:j+g] of the tensor W that is only updated at the end of each block."""
-    W = W.double().clone()
-    H = H.double().clone()
-    n = W.shape[1]
-    maxq = 2**bits - 1
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H, n, maxq = without_dead_inputs(W, H, bits)
     H += percdamp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
