@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pandas as pd
 import yaml
 
 from magr.machine import machine_info
+from magr.persistence import write_json
 
 SECTIONS = [
     ("Figure 1: weight magnitudes before and after MagR", "fig1_row_max.md",
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         parts += [f"![{fig}]({fig})" for fig in figures if (reports / fig).is_file()]
         parts.append("")
     Path(args.out).write_text("\n".join(parts))
-    Path(args.metrics).write_text(json.dumps(metrics(reports), indent=2) + "\n")
+    write_json(args.metrics, metrics(reports))  # strict JSON (NaN -> null), atomic
     print(f"wrote {args.out} and {args.metrics}")
     return 0
 
