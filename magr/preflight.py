@@ -33,6 +33,8 @@ GB = 1e9
 def check_writable(folder, what: str) -> None:
     """Create ``folder`` if needed and write a probe file in it (then remove both again)."""
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the {what} {folder} is a file, not a folder")
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     probe = folder / ".magr-write-test"
     try:
