@@ -177,7 +177,8 @@ class BlockCheckpoints:
         n = self.done()
         if n == 0:
             return f"no block finished, nothing saved in {self.folder}"
-        return f"blocks 0-{n - 1} are saved in {self.folder}; rerun the same command to resume from block {n}"
+        done = "block 0 is" if n == 1 else f"blocks 0-{n - 1} are"
+        return f"{done} saved in {self.folder}; rerun the same command to resume from block {n}"
 
     def remove(self) -> None:
         """Delete every checkpoint file (after the run's outputs are written), and the folder if empty."""

@@ -143,7 +143,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     index = 0
     try:
         for blk in bar:
-            index, t_block = blk.index, time.perf_counter()
+            t_block = time.perf_counter()
             saved = store.load(blk.index, blk.block, device) if store else None
             if saved is not None:
                 params, records, seconds = saved
@@ -158,6 +158,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
             result.records.extend(records)
             result.block_seconds.append(seconds)
             bar.set_postfix(err=f"{max(r['recon_error_rel'] or 0 for r in records):.2e}")
+            index = min(blk.index + 1, n_blocks - 1)  # next: the following block's inputs, then that block
     except KeyboardInterrupt:
         saved = store.describe() if store else "nothing saved (no checkpoint folder: the rerun starts afresh)"
         raise Interrupted(f"interrupted in block {index} of {n_blocks}: {saved}") from None
