@@ -15,7 +15,6 @@ On the CPU the default block is scaled down 32x (``tiny``: 128 / 344, 64 tokens;
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -28,6 +27,7 @@ import torch
 from magr import kernels
 from magr.projection import prox_linf
 from magr.fista import FAST_ITERS, fista_momenta, magr_fista
+from magr.persistence import write_json
 from magr.solver import exact_objective, lambda_max_lanczos, matmul_precision
 
 log = logging.getLogger("bench_magr")
@@ -407,8 +407,7 @@ def main(argv=None):
                                                          for k, v in marks.items()))
             result[f"trace_{precision}"] = {"first": first, "curves": curves}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(args.json, result)  # strict JSON (NaN -> null), atomic
 
 
 if __name__ == "__main__":

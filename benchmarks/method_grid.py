@@ -28,6 +28,7 @@ from magr.methods import PRESETS, QuantConfig
 from magr.pipeline import quantize_model
 from magr.evaluation import perplexity
 from magr.models import load_model
+from magr.persistence import write_json
 
 
 def main():
@@ -72,7 +73,7 @@ def main():
                              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"), torch=torch.__version__)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})  # strict JSON (NaN -> null), atomic
         names = list(evals)
         lines = [f"# {args.model}: perplexity by method and bits", "",
                  f"Calibration: {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "

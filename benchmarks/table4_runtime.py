@@ -12,7 +12,6 @@ errors meaningless, so only times are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from magr.methods import QuantConfig
 from magr.paper import PAPER_RUNTIME_7B_MIN
+from magr.persistence import write_json
 from magr.pipeline import quantize_model
 
 METHODS = [  # (label, method, bits, cd passes)
@@ -103,7 +103,7 @@ def main():
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})  # strict JSON (NaN -> null), atomic
         lines = [f"# Table 4 analogue: runtime on {name}", "",
                  f"Model: {meta['model']}, {meta['dtype']}, {args.layers} blocks measured; calibration {meta['calibration']}; "
                  f"MagR solver: {args.solver}. 32-block figures are **extrapolated** (mean block time x 32), "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -19,6 +18,7 @@ import torch
 from magr.calibration_data import get_calibration
 from magr.methods import PRESETS, QuantConfig
 from magr.models import load_model
+from magr.persistence import write_json
 from magr.pipeline import quantize_model
 from magr.zeroshot import TASKS, evaluate_zeroshot, results_table
 
@@ -46,9 +46,7 @@ def main():
     t0 = time.perf_counter()
     results = evaluate_zeroshot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, device="cpu")
     meta["zeroshot_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
+    write_json(args.out, {"meta": meta, "results": results})  # strict JSON (NaN -> null), atomic
     print(results_table(results))
     print(json.dumps(meta, indent=2))
 

@@ -45,43 +45,63 @@ class StopForward(Exception):
     """Raised by a hook once the inputs it needs are captured, to skip the rest of a forward pass."""
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-    """Run the embeddings on every calibration row and return block 0's inputs and keyword arguments.
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
 
-    Returns (inputs (nsamples, seqlen, hidden) on ``device``, kwargs of the decoder-layer call such as
-    the rotary position embeddings and the causal mask, shared by all samples of equal length).
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tuple[torch.Tensor, list[dict]]:
+    """Run the embeddings on every calibration row and return block 0's inputs and every block's keyword
+    arguments.
+
+    Returns (inputs (nsamples, seqlen, hidden) on ``device``, one dict per decoder layer with the kwargs of
+    its call, such as the rotary position embeddings and the attention mask, shared by all samples of equal
+    length). The kwargs are taken per layer because models with sliding-window or alternating attention
+    (Gemma2, Qwen2 with ``layer_types``) give each kind of layer its own mask: for the first row every layer
+    runs as a pass-through and records what the model passes it; the other rows stop at layer 0.
     """
     layers = decoder_layers(model)
-    captured: dict = {}
+    per_layer: list[dict | None] = [None] * len(layers)
     inps = []
 
-    def hook(module, args, kwargs):
-        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise StopForward
+    def hook(module, args, kwargs, i):
+        if i == 0:
+            inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        if per_layer[i] is None:
+            per_layer[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
+        if i == len(layers) - 1 or per_layer[-1] is not None:
+            raise StopForward
 
     emb, rot = model.model.embed_tokens, getattr(model.model, "rotary_emb", None)
-    moved = [m for m in (emb, rot, layers[0]) if m is not None]
+    moved = [m for m in (emb, rot) if m is not None]
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     for m in moved:
         m.to(device)
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    own_forward = [layer.__dict__.get("forward") for layer in layers]
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
     try:
+        for layer in layers:
+            layer.forward = _passthrough  # the blocks themselves run later, one at a time (walk_blocks)
         for row in tokens:
             try:
                 model(row.unsqueeze(0).to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        for layer, fwd in zip(layers, own_forward):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
         for m, home in zip(moved, homes):
             if home.type != "meta":
                 m.to(home)
-    kwargs = {k: v for k, v in captured.items() if k not in ("past_key_values", "use_cache")}
-    kwargs["use_cache"] = False
-    return torch.cat(inps, 0), kwargs
+    for kwargs in per_layer:
+        kwargs["use_cache"] = False
+    return torch.cat(inps, 0), per_layer
 
 
 def block_forward(block: nn.Module, inps: torch.Tensor, kwargs: dict, batch: int = FORWARD_BATCH) -> torch.Tensor:
@@ -148,14 +168,14 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor, device, last: int | None 
     if not 0 < n <= len(layers):
         raise ValueError(f"last block {last} out of range; the model has blocks 0..{len(layers) - 1}")
     device = torch.device(device)
-    inps, kwargs = capture_block_inputs(model, calib, device)
+    inps, layer_kwargs = capture_block_inputs(model, calib, device)
     for i in range(n):
         block = layers[i]
         home = next(block.parameters()).device
         block.to(device)
-        yield BlockInputs(i, block, inps, kwargs)
+        yield BlockInputs(i, block, inps, layer_kwargs[i])
         if i + 1 < n:
-            inps = block_forward(block, inps, kwargs, batch=forward_batch)
+            inps = block_forward(block, inps, layer_kwargs[i], batch=forward_batch)
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()

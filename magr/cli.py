@@ -2,9 +2,14 @@
 
 Examples:
 
-    magr quantize --model stories260k --method magr+optq --bits 3 --calib tinystories
-                  --nsamples 32 --seqlen 256 --eval-sets tinystories --out runs/s260k-w3
-    magr ppl --model runs/s260k-w3 --eval-sets wikitext2 c4 --eval-seqlen 2048
+    magr quantize --model stories260k --method magr+optq --bits 3 --calib tinystories \
+                  --nsamples 32 --seqlen 256 --eval-sets tinystories --eval-seqlen 256 --out runs/s260k-w3
+    magr ppl --model runs/s260k-w3 --eval-sets wikitext2 c4 --eval-seqlen 512
+
+An interrupted `magr quantize` (Ctrl-C, a crash, a kill) resumes from its block checkpoints when rerun
+with the same command; checkpoints of another model, dtype, settings or calibration are never mixed in
+(--resume). Errors are one line on stderr: exit code 2 for a bad argument or resource (found before any
+long work), 1 for an operating-system error (disk full, permissions), 130 for Ctrl-C.
 
 Every algorithm, calibration and evaluation setting is a flag named after its config field
 (--group-size or --group_size for Grid.group_size, --cd-passes for CD.passes; magr.settings), with the
@@ -13,15 +18,18 @@ default and the checks of that dataclass; params.yaml cells use the same names.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
+from pathlib import Path
 
 from .calibration_data import Calibration
+from .checkpoints import RESUME_POLICIES
 from .evaluation import Evaluation
 from .methods import PRESETS, setting_names
 from .models import DTYPES
-from .persistence import write_json
+from .persistence import dumps, write_json
+from .preflight import check_writable
 from .settings import flat_fields
 
 log = logging.getLogger("magr")
@@ -86,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="write the quantized model folder (default); --no-save writes only magr_run.json and "
                         "magr_layers.json, and no block checkpoints unless --checkpoint-dir is given")
+    q.add_argument("--resume", default="auto", choices=RESUME_POLICIES,
+                   help="block checkpoints of an earlier run: auto (default) resumes those made from the same model, "
+                        "dtype, settings, calibration tokens and library numerics and starts afresh, with a warning, "
+                        "at the first that differs or is damaged; never: discard them; force: resume them even when "
+                        "their key differs")
+    q.add_argument("--keep-checkpoints", "--keep_checkpoints", dest="keep_checkpoints", action="store_true",
+                   help="keep the block checkpoints after the run is written (default: removed)")
 
     e = sub.add_parser("ppl", help="perplexity of a model (hub id, folder or alias)")
     _common(e)
@@ -115,7 +130,8 @@ def cmd_quantize(args) -> dict:
                               **_given(args, setting_names()))
     calibration = Calibration(**_given(args, flat_fields(Calibration)))
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
-    options = dict(dtype=args.dtype, device=args.device, data_root=args.data_root)
+    options = dict(dtype=args.dtype, device=args.device, data_root=args.data_root, resume=args.resume,
+                   keep_checkpoints=args.keep_checkpoints)
     if args.seeds is not None:
         if args.checkpoint_dir:
             raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
@@ -136,8 +152,6 @@ def cmd_ppl(args) -> dict:
 
 
 def cmd_zeroshot(args) -> dict:
-    from pathlib import Path
-
     from .models import load_model
     from .zeroshot import evaluate_zeroshot
 
@@ -151,17 +165,36 @@ def cmd_zeroshot(args) -> dict:
     return out
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}
+    try:  # a scheduler's SIGTERM stops a run as cleanly as Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        previous = None
     try:
+        if getattr(args, "json", None):
+            check_writable(Path(args.json).parent, "folder of --json")
         out = commands[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"magr {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=2, default=str))
+    except OSError as exc:  # disk full, permissions, ...: nothing half-written is left (atomic writes)
+        print(f"magr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"magr {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(dumps(out, indent=2))
     return 0
 
 

@@ -137,18 +137,38 @@ class Evaluation:
         for name in self.eval_sets:
             resolve_source(name, data_root)
 
-    def perplexities(self, model, tokenizer, device=None, data_root=None) -> dict:
-        """{set: {"ppl", "seconds", "seqlen", "max_windows", "bos_per_window"}} for every set."""
+    def streams(self, tokenizer, data_root=None) -> dict[str, torch.Tensor]:
+        """Every set's evaluation tokens, checked against the protocol before any long work: ValueError naming
+        the set when its text is shorter than one window; a warning when it has fewer than ``max_windows``."""
         from .data import get_eval_tokens
 
         out = {}
         for name in self.eval_sets:
-            t0 = time.perf_counter()
             tokens = get_eval_tokens(name, tokenizer, data_root=data_root)
+            bos = tokenizer.bos_token_id if self.bos_per_window else None
+            try:
+                n = make_windows(tokens, self.eval_seqlen, bos, self.max_windows).shape[0]
+            except ValueError as exc:
+                raise ValueError(f"evaluation set {name!r}: {exc}; use a longer text or a smaller eval_seqlen") from None
+            if self.max_windows is not None and n < self.max_windows:
+                log.warning("evaluation set %r has only %d windows of %d tokens, fewer than max_windows=%d",
+                            name, n, self.eval_seqlen, self.max_windows)
+            out[name] = tokens
+        return out
+
+    def perplexities(self, model, tokenizer, device=None, data_root=None, streams=None) -> dict:
+        """{set: {"ppl", "seconds", "seqlen", "max_windows", "windows", "bos_per_window"}} for every set;
+        ``streams``: the sets' tokens from :meth:`streams` (default: read and tokenized here)."""
+        out = {}
+        streams = self.streams(tokenizer, data_root) if streams is None else streams
+        for name in self.eval_sets:
+            t0 = time.perf_counter()
+            tokens = streams[name]
             bos = tokenizer.bos_token_id if self.bos_per_window else None
             ppl = perplexity(model, tokens, seqlen=self.eval_seqlen, batch_size=self.eval_batch, device=device,
                              max_windows=self.max_windows, bos_id=bos)
+            windows = make_windows(tokens, self.eval_seqlen, bos, self.max_windows).shape[0]
             out[name] = {"ppl": ppl, "seconds": time.perf_counter() - t0, "seqlen": self.eval_seqlen,
-                         "max_windows": self.max_windows, "bos_per_window": self.bos_per_window}
+                         "max_windows": self.max_windows, "windows": windows, "bos_per_window": self.bos_per_window}
             log.info("%s perplexity: %.4f", name, ppl)
         return out

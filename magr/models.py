@@ -115,35 +115,69 @@ def _from_gguf(gguf: Path, dtype: torch.dtype):
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def model_source(name_or_path) -> tuple[str, Path | str]:
+    """Where a model comes from: ("gguf", file), ("folder", folder) or ("hub", id); aliases resolved.
+
+    Raises FileNotFoundError for a path that does not exist (anything with a path separator, or starting
+    with "." or "~", that is not a folder or file) and ValueError for a file that is not a .gguf.
+    """
+    key = str(name_or_path).lower()
+    path = Path(name_or_path).expanduser()
+    if key == "smollm2-135m":
+        return "gguf", smollm2_gguf_path()
+    if key == "stories260k":
+        return "folder", stories260k_path()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} is a file but not a .gguf; pass a model folder, a .gguf "
+                         f"file, a hub id or one of {ALIASES}")
+    if path.is_dir():
+        return "folder", path
+    text = str(name_or_path)
+    if text.startswith((".", "~", os.sep)) or text.count("/") > 1 or text.endswith(".gguf"):
+        raise FileNotFoundError(f"model {text!r} not found: no such folder or .gguf file (aliases: {', '.join(ALIASES)})")
+    return "hub", text
+
+
+def load_config(name_or_path):
+    """The transformers config of a model folder or hub id, without loading weights (None for a .gguf,
+    whose config is read with the weights)."""
+    from transformers import AutoConfig
+
+    kind, where = model_source(name_or_path)
+    if kind == "gguf":
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(where))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: no usable config.json in the folder, or not loadable "
+                                f"from the hub (offline?): {first}") from None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               tokenizer=None):
     """Load ``(model, tokenizer)``: an alias in :data:`ALIASES`, a local folder / ``.gguf`` file, or a hub id.
 
-    The model is returned in eval mode on ``device`` with parameters of ``dtype``.
+    The model is returned in eval mode on ``device`` with parameters of ``dtype``; ``tokenizer``, when
+    given, is returned instead of loading the model's own.
     """
     from transformers import AutoModelForCausalLM
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
-    key = str(name_or_path).lower()
-    path = Path(name_or_path).expanduser()
-    if key == "smollm2-135m":
-        model = _from_gguf(smollm2_gguf_path(), dtype)
-    elif key == "stories260k":
-        folder = stories260k_path()
-        log.info("loading stories260K from %s", folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    elif path.is_file() and path.suffix == ".gguf":
-        model = _from_gguf(path, dtype)
-    elif path.exists() and not path.is_dir():
-        raise ValueError(f"model path {str(path)!r} is a file but not a .gguf; pass a model folder, a .gguf "
-                         f"file, a hub id or one of {ALIASES}")
+    kind, where = model_source(name_or_path)
+    if kind == "gguf":
+        model = _from_gguf(where, dtype)
     else:
         # a local folder or a hub id (the hub path needs network access, unavailable offline)
-        log.info("loading model %s", name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    from .tokenizer import load_tokenizer
+        log.info("loading model %s", where)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+    if tokenizer is None:
+        from .tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(name_or_path)
+        tokenizer = load_tokenizer(name_or_path)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -228,4 +262,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} not supported; allowed: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev

@@ -7,14 +7,22 @@ A run folder holds
 - with the model saved: a ``save_pretrained`` folder (de-quantized weights in the model's dtype) and
   ``magr_qparams.safetensors`` (scale, zero, g_idx of every layer: the integer codes are
   round(w / scale) + zero);
-- ``.blocks/``: one checkpoint per finished block while the run goes on.
+- ``.blocks/``: one checkpoint per finished block while the run goes on (:mod:`magr.checkpoints`), removed
+  after success unless kept.
+
+Every file is written atomically (:func:`atomic_open`: a temporary name in the same folder, fsync, rename), so
+a crash, a full disk or a kill leaves either the old file or the new one, never a truncated one; JSON is
+strict (no bare NaN: a non-finite number is written as null, with a warning naming it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import asdict
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,49 +36,104 @@ RUN_FILE = "magr_run.json"
 RECORDS_FILE = "magr_layers.json"
 PARAMS_FILE = "magr_qparams.safetensors"
 CHECKPOINT_FOLDER = ".blocks"
+#: What marks a folder as a run folder (one that ``magr quantize --out`` may write into again).
+RUN_MARKERS = (RUN_FILE, RECORDS_FILE, PARAMS_FILE, CHECKPOINT_FOLDER)
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-def checkpoint_tag(cfg, calib: torch.Tensor) -> str:
-    """Key of a run's block checkpoints: the settings and the calibration tokens."""
-    text = cfg.fingerprint() + str(calib.sum().item()) + str(tuple(calib.shape))
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+# -------------------------------------------------------------------------------------- atomic writes
+def fsync_folder(folder) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def _checkpoint_paths(folder: Path, i: int) -> tuple[Path, Path]:
-    return folder / f"block_{i:03d}.pt", folder / f"block_{i:03d}.json"
+@contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it to ``path``.
+
+    On any error (a full disk, Ctrl-C) the temporary file is removed and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from write(): name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+    fsync_folder(path.parent)
 
 
-def save_block_checkpoint(folder, i: int, tag: str, block: nn.Module, params: dict[str, QuantParams],
-                          records: list[dict], seconds: float) -> None:
-    """Save block ``i``'s weights and grids (.pt) and its records and time (.json)."""
-    pt, js = _checkpoint_paths(Path(folder), i)
-    pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": block.state_dict(), "params": {n: asdict(p) for n, p in params.items()}}, pt)
-    js.write_text(json.dumps({"tag": tag, "records": records, "seconds": seconds}))
-
-
-def load_block_checkpoint(folder, i: int, tag: str, block: nn.Module, device
-                          ) -> tuple[dict[str, QuantParams], list[dict], float] | None:
-    """Load block ``i``'s checkpoint into ``block`` if one exists with this ``tag``; (grids, records, seconds)."""
-    pt, js = _checkpoint_paths(Path(folder), i)
-    if not (pt.exists() and js.exists()):
+def strict(obj, where: str = "$"):
+    """``obj`` with every non-finite float replaced by None (JSON null), each one logged with its place."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("non-finite value %s at %s written as null", obj, where)
         return None
-    meta = json.loads(js.read_text())
-    if meta.get("tag") != tag:
-        return None
-    saved = torch.load(pt, map_location=device)
-    block.load_state_dict(saved["state"])
-    params = {n: QuantParams(**p) for n, p in saved["params"].items()}
-    return params, meta["records"], meta["seconds"]
+    if isinstance(obj, dict):
+        return {k: strict(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def dumps(obj, indent: int = 1) -> str:
+    """Strict JSON text of ``obj`` (:func:`strict`; other objects as their str)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False, default=str)
 
 
 # ------------------------------------------------------------------------------------------ run folders
 def write_json(path, obj) -> None:
-    """Write ``obj`` as strict JSON (no NaN), creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    """Write ``obj`` as strict JSON (:func:`dumps`), atomically, creating the folder."""
+    text = dumps(obj) + "\n"
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def is_run_folder(folder) -> bool:
+    """Whether ``folder`` holds a (finished or interrupted) run: one of :data:`RUN_MARKERS`."""
+    return any((Path(folder) / name).exists() for name in RUN_MARKERS)
+
+
+def retire_run(folder) -> None:
+    """Remove a finished run's metadata before its outputs are rewritten: until the new ``magr_run.json``
+    is written, the folder does not pass for a finished run (no mix of old metadata and new weights)."""
+    folder = Path(folder)
+    (folder / RUN_FILE).unlink(missing_ok=True)
+    for leftover in folder.glob(".staging-*"):  # from a save killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(out):
+    """A temporary folder inside ``out`` to write several files into; on success each file is fsynced and
+    renamed into ``out`` (each one atomically); on error the staging folder is removed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(f, out / f.name)
+        fsync_folder(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_run(folder, meta: dict, records: list[dict] | None = None) -> None:
@@ -80,15 +143,22 @@ def write_run(folder, meta: dict, records: list[dict] | None = None) -> None:
         write_json(Path(folder) / RECORDS_FILE, records)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged (not valid JSON: {exc}); rerun the command that wrote it") from None
+
+
 def read_run(folder) -> dict:
     """A run's metadata with its per-layer records under ``"records"`` and the folder name under ``"name"``."""
     folder = Path(folder)
     path = folder / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {RUN_FILE} in {folder}: run `magr quantize --out {folder}` (or its dvc stage) first")
-    run = json.loads(path.read_text())
+    run = _read_json(path)
     rec = folder / RECORDS_FILE
-    run["records"] = json.loads(rec.read_text()) if rec.is_file() else []
+    run["records"] = _read_json(rec) if rec.is_file() else []
     run["name"] = folder.name
     return run
 
@@ -98,18 +168,18 @@ def save_quantized(model: nn.Module, tokenizer, params: dict[str, QuantParams], 
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    try:
-        tokenizer.save_pretrained(out)
-    except Exception as exc:  # some tokenizers (e.g. wrappers) cannot be saved; reload them by alias
-        log.warning("tokenizer not saved (%s); load it from the source model", exc)
-    tensors = {}
-    for name, p in params.items():
-        tensors[f"{name}.scale"] = p.scale.contiguous()
-        tensors[f"{name}.zero"] = p.zero.contiguous()
-        tensors[f"{name}.g_idx"] = p.g_idx.to(torch.int32).contiguous()
-    save_file(tensors, str(out / PARAMS_FILE))
+    with staged_folder(out) as stage:  # every file appears complete or not at all
+        model.save_pretrained(stage)
+        try:
+            tokenizer.save_pretrained(stage)
+        except Exception as exc:  # some tokenizers (e.g. wrappers) cannot be saved; reload them by alias
+            log.warning("tokenizer not saved (%s); load it from the source model", exc)
+        tensors = {}
+        for name, p in params.items():
+            tensors[f"{name}.scale"] = p.scale.contiguous()
+            tensors[f"{name}.zero"] = p.zero.contiguous()
+            tensors[f"{name}.g_idx"] = p.g_idx.to(torch.int32).contiguous()
+        save_file(tensors, str(stage / PARAMS_FILE))
     return out
 
 

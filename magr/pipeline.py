@@ -10,8 +10,8 @@ H (all calibration tokens) and H_last (the last sample), the method's steps run:
     Q, grid = refine(Q; W, H, grid)   (coordinate descent, optional; may re-fit the grid)
 
 The steps come from the config (:class:`magr.methods.QuantConfig`); this module only walks the model, times
-the steps and writes per-layer records. Finished blocks can be checkpointed and a rerun resumes
-(:mod:`magr.persistence`).
+the steps and writes per-layer records. Finished blocks can be checkpointed and a rerun resumes the ones
+made from the same model, dtype, settings, calibration tokens and library numerics (:mod:`magr.checkpoints`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .calibration import BlockInputs, LayerStats, walk_blocks
 from .methods import QuantConfig
 from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
-from .persistence import checkpoint_tag, load_block_checkpoint, save_block_checkpoint
+from .checkpoints import BlockCheckpoints, resume_key
 from .quantizers import QuantParams
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,12 @@ class QuantResult:
     params: dict[str, QuantParams] = field(default_factory=dict)  # "model.layers.i.<name>" -> grid
     seconds: float = 0.0
     block_seconds: list[float] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)  # blocks taken from checkpoints
+    checkpoints: BlockCheckpoints | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`quantize_model`; its message says what is saved and how to resume."""
 
 
 def check_config_for_model(model: nn.Module, cfg: QuantConfig) -> None:
@@ -134,12 +140,14 @@ def quantize_block(block: nn.Module, stats_of, cfg: QuantConfig) -> tuple[dict[s
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, device: str | None = None,
-                   progress: bool = True, checkpoint_dir: str | Path | None = None) -> QuantResult:
+                   progress: bool = True, checkpoint_dir: str | Path | None = None,
+                   resume: str = "auto") -> QuantResult:
     """Quantize every linear layer of every decoder block of ``model`` in place (OPTQ's block order).
 
     ``calib`` is a LongTensor (nsamples, seqlen) of calibration tokens; ``device`` where each block is
     computed (default: cuda when available). With ``checkpoint_dir`` each finished block (weights, grids,
-    records) is saved there, and a rerun with the same settings and data resumes after it.
+    records) is saved there, and a rerun resumes the blocks whose key matches (``resume``: auto, never or
+    force; :mod:`magr.checkpoints`). Ctrl-C raises :class:`Interrupted`, whose message says what is saved.
     """
     check_config_for_model(model, cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,28 +155,38 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     use_cache = getattr(model.config, "use_cache", False)
     model.config.use_cache = False
     result = QuantResult(cfg)
-    tag = checkpoint_tag(cfg, calib)
+    store = result.checkpoints = (BlockCheckpoints(checkpoint_dir, resume_key(model, cfg, calib, device), resume)
+                                  if checkpoint_dir else None)
     start = time.perf_counter()
     blocks = walk_blocks(model, calib, device) if cfg.uses_calibration else _blocks_without_data(model, device)
     bar = tqdm(blocks, total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}", disable=not progress, unit="block")
-    for blk in bar:
-        t_block = time.perf_counter()
-        saved = load_block_checkpoint(checkpoint_dir, blk.index, tag, blk.block, device) if checkpoint_dir else None
-        if saved is not None:
-            params, records, seconds = saved
-            log.info("block %d: resumed from %s", blk.index, checkpoint_dir)
-        else:
-            stats_of = blk.stats if cfg.uses_calibration else (lambda groups: {n: None for g in groups for n in g})
-            params, records = quantize_block(blk.block, stats_of, cfg)
-            seconds = time.perf_counter() - t_block
-            records = [{**rec, "block": blk.index} for rec in records]
-            if checkpoint_dir:
-                save_block_checkpoint(checkpoint_dir, blk.index, tag, blk.block, params, records, seconds)
-        result.params.update({f"model.layers.{blk.index}.{name}": p for name, p in params.items()})
-        result.records.extend(records)
-        result.block_seconds.append(seconds)
-        bar.set_postfix(err=f"{max(r['recon_error_rel'] or 0 for r in records):.2e}")
-    model.config.use_cache = use_cache
+    index = 0
+    try:
+        for blk in bar:
+            t_block = time.perf_counter()
+            saved = store.load(blk.index, blk.block, device) if store else None
+            if saved is not None:
+                params, records, seconds = saved
+                log.info("block %d: resumed from %s", blk.index, checkpoint_dir)
+            else:
+                stats_of = blk.stats if cfg.uses_calibration else (lambda groups: {n: None for g in groups for n in g})
+                params, records = quantize_block(blk.block, stats_of, cfg)
+                seconds = time.perf_counter() - t_block
+                records = [{**rec, "block": blk.index} for rec in records]
+                if store:
+                    store.save(blk.index, blk.block, params, records, seconds)
+            result.params.update({f"model.layers.{blk.index}.{name}": p for name, p in params.items()})
+            result.records.extend(records)
+            result.block_seconds.append(seconds)
+            bar.set_postfix(err=f"{max(r['recon_error_rel'] or 0 for r in records):.2e}")
+            index = min(blk.index + 1, n_blocks - 1)  # next: the following block's inputs, then that block
+    except KeyboardInterrupt:
+        saved = store.describe() if store else "nothing saved (no checkpoint folder: the rerun starts afresh)"
+        raise Interrupted(f"interrupted in block {index} of {n_blocks}: {saved}") from None
+    finally:
+        bar.close()
+        model.config.use_cache = use_cache
+    result.resumed = list(store.resumed) if store else []
     result.seconds = time.perf_counter() - start
     bad = [r for r in result.records if r["recon_error"] is not None and not math.isfinite(r["recon_error"])]
     if bad:

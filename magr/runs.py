@@ -1,5 +1,6 @@
 """Whole jobs, as the CLI, the notebooks and the scripts run them: quantize a model and write its run
-folder, or measure a model's perplexity. Every check that can fail runs before the long work.
+folder, or measure a model's perplexity. Every check that can fail runs before the long work
+(:mod:`magr.preflight`); every file is written atomically (:mod:`magr.persistence`).
 """
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import preflight
 from .calibration_data import Calibration
+from .checkpoints import RESUME_POLICIES
 from .evaluation import Evaluation
 from .methods import QuantConfig
 from .models import DTYPES, load_model, resolve_device
-from .persistence import CHECKPOINT_FOLDER, save_quantized, write_run
-from .pipeline import check_config_for_model, quantize_model
+from .persistence import retire_run, save_quantized, write_run
+from .pipeline import Interrupted, quantize_model
+from .settings import check_choice
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -24,31 +29,54 @@ def _check_dtype(dtype: str) -> None:
 
 def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration = Calibration(),
                  evaluation: Evaluation = Evaluation(), dtype: str = "float32", device: str | None = None,
-                 data_root=None, save: bool = True, checkpoint_dir=None, progress: bool = True) -> dict:
+                 data_root=None, save: bool = True, checkpoint_dir=None, progress: bool = True,
+                 resume: str = "auto", keep_checkpoints: bool = False) -> dict:
     """Quantize ``model`` (alias, folder, .gguf or hub id) with ``quant``, evaluate it, write the run folder.
 
     ``out`` receives ``magr_run.json`` and ``magr_layers.json`` (and, with ``save``, the model and its
-    grids). Block checkpoints go to ``checkpoint_dir`` (default ``out/.blocks`` when saving). Returns the
-    run metadata.
+    grids). Block checkpoints go to ``checkpoint_dir`` (default ``out/.blocks`` when saving); a rerun
+    resumes them per ``resume`` (auto, never, force: :mod:`magr.checkpoints`), and they are removed once the
+    run is written unless ``keep_checkpoints``. Returns the run metadata.
     """
     _check_dtype(dtype)
     dev = resolve_device(device)
     calibration.check(data_root)
     evaluation.check(data_root)
     out = Path(out)
-    net, tokenizer = load_model(model, dtype=DTYPES[dtype])
-    check_config_for_model(net, quant)
+    ckpt = preflight.default_checkpoint_dir(out, save, checkpoint_dir)
+    preflight.check_output(out, model, ckpt, save)
+    check_choice("resume", resume, RESUME_POLICIES)
+
+    def check(net):  # architecture, layer widths, context, disk space
+        preflight.check_model(net, quant, calibration, evaluation)
+        preflight.check_disk_space(net, quant.grid.group_size, out, save, ckpt)
+
+    skeleton = preflight.model_skeleton(model, DTYPES[dtype])  # config only: no weights read yet
+    if skeleton is not None:
+        check(skeleton)
+    tokenizer = load_tokenizer(model)
+    streams = evaluation.streams(tokenizer, data_root)
     calib = calibration.tokens(tokenizer, data_root)
-    ckpt = checkpoint_dir or (out / CHECKPOINT_FOLDER if save else None)
-    result = quantize_model(net, calib, quant, device=dev, progress=progress, checkpoint_dir=ckpt)
-    if save:
-        save_quantized(net, tokenizer, result.params, out)
-    meta = {"model": str(model), "dtype": dtype, "device": str(dev), "config": quant.to_dict(),
-            "calibration": asdict(calibration), "seconds": result.seconds,
-            "block_seconds": result.block_seconds, "saved": save}
-    if evaluation.eval_sets:
-        meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root)
-    write_run(out, meta, result.records)
+    net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
+    if skeleton is None:  # a .gguf: its config came with the weights
+        check(net)
+    preflight.check_finite(net)
+    result = quantize_model(net, calib, quant, device=dev, progress=progress, checkpoint_dir=ckpt, resume=resume)
+    try:
+        retire_run(out)
+        if save:
+            save_quantized(net, tokenizer, result.params, out)
+        meta = {"model": str(model), "dtype": dtype, "device": str(dev), "config": quant.to_dict(),
+                "calibration": asdict(calibration), "seconds": result.seconds,
+                "block_seconds": result.block_seconds, "saved": save, "resumed_blocks": result.resumed}
+        if evaluation.eval_sets:
+            meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams)
+        write_run(out, meta, result.records)
+    except KeyboardInterrupt:
+        kept = f"every block is saved in {ckpt}; rerun the same command to finish" if ckpt else "nothing saved"
+        raise Interrupted(f"interrupted after quantizing, before {out} was written: {kept}") from None
+    if result.checkpoints is not None and not keep_checkpoints:
+        result.checkpoints.remove()
     return meta
 
 
@@ -84,5 +112,10 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     if not evaluation.eval_sets:
         raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
     evaluation.check(data_root)
-    net, tokenizer = load_model(model, dtype=DTYPES[dtype])
-    return {"model": str(model), "ppl": evaluation.perplexities(net, tokenizer, dev, data_root)}
+    skeleton = preflight.model_skeleton(model, DTYPES[dtype])
+    if skeleton is not None:
+        preflight.check_context(skeleton, evaluation.eval_seqlen, "eval_seqlen")
+    tokenizer = load_tokenizer(model)
+    streams = evaluation.streams(tokenizer, data_root)
+    net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
+    return {"model": str(model), "ppl": evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams)}

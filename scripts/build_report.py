@@ -8,13 +8,13 @@ scripts/check_reproduction.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
 from magr.machine import machine_info
+from magr.persistence import write_json
 from magr.reproduction import report_values
 
 SECTIONS = [
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         parts += [f"![{fig}]({fig})" for fig in figures if (reports / fig).is_file()]
         parts.append("")
     Path(args.out).write_text("\n".join(parts))
-    Path(args.metrics).write_text(json.dumps(report_values(reports), indent=1) + "\n")
+    write_json(args.metrics, report_values(reports))  # strict JSON (NaN -> null), atomic
     print(f"wrote {args.out} and {args.metrics}")
     return 0
 
