@@ -1,10 +1,11 @@
-"""Command line: ``magr quantize``, ``magr ppl`` and ``magr zeroshot``.
+"""Command line: ``magr quantize``, ``magr export``, ``magr ppl`` and ``magr zeroshot``.
 
 Examples:
 
     magr quantize --model stories260k --method magr+optq --bits 3 --calib tinystories
                   --nsamples 32 --seqlen 256 --eval-sets tinystories --out runs/s260k-w3
     magr ppl --model runs/s260k-w3 --eval-sets wikitext2 c4 --eval-seqlen 2048
+    magr export runs/s260k-w3 --format gptq --out runs/s260k-w3-gptq
 
 Every algorithm, calibration and evaluation setting is a flag named after its config field
 (--group-size or --group_size for Grid.group_size, --cd-passes for CD.passes; magr.settings), with the
@@ -19,6 +20,7 @@ import sys
 
 from .data import Calibration
 from .evaluation import Evaluation
+from .export import FORMATS, GPTQ_VERSIONS, Export
 from .methods import PRESETS, setting_names
 from .models import DTYPES
 from .persistence import write_json
@@ -83,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="write the quantized model folder (default); --no-save writes only magr_run.json and "
                         "magr_layers.json, and no block checkpoints unless --checkpoint-dir is given")
+    q.add_argument("--save-format", "--save_format", dest="save_format", default="float",
+                   choices=("float",) + FORMATS,
+                   help="float (default): the run folder only; gptq or compressed-tensors: also the packed "
+                        "low-bit checkpoint in OUT/<format> (as `magr export`)")
+    q.add_argument("--gptq-version", "--gptq_version", dest="gptq_version", default="auto",
+                   choices=GPTQ_VERSIONS, help=flat_fields(Export)["gptq_version"].metadata["help"])
+
+    x = sub.add_parser("export", help="pack a saved run folder into a GPTQ or compressed-tensors checkpoint")
+    x.add_argument("run_dir", help="run folder written by `magr quantize` (with the model saved)")
+    _add_settings(x, flat_fields(Export))
+    x.add_argument("--out", required=True, help="output folder (new or empty)")
+    x.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     e = sub.add_parser("ppl", help="perplexity of a model (hub id, folder or alias)")
     _common(e)
@@ -112,8 +126,17 @@ def cmd_quantize(args) -> dict:
                               **_given(args, setting_names()))
     calibration = Calibration(**_given(args, flat_fields(Calibration)))
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
+    export = None if args.save_format == "float" else Export(args.save_format, args.gptq_version)
     return quantize_run(args.model, args.out, quant, calibration, evaluation, dtype=args.dtype, device=args.device,
-                        data_root=args.data_root, save=args.save, checkpoint_dir=args.checkpoint_dir)
+                        data_root=args.data_root, save=args.save, checkpoint_dir=args.checkpoint_dir,
+                        export=export)
+
+
+def cmd_export(args) -> dict:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, Export(**_given(args, flat_fields(Export))))
+    return {"run": args.run_dir, "out": str(out), **json.loads((out / "magr_export.json").read_text())}
 
 
 def cmd_ppl(args) -> dict:
@@ -146,7 +169,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}
+    commands = {"quantize": cmd_quantize, "export": cmd_export, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}
     try:
         out = commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
