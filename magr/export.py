@@ -113,8 +113,8 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
     if off.any():
         r, c = _first(off)
         raise ValueError(
-            f"{name}: weight [{r}, {c}] = {float(Wf[r, c]):.8g} is not on its saved grid (scale "
-            f"{float(s[r, c]):.8g}, zero {float(z[r, c]):g}, codes 0..{maxq}; {int(off.sum())} weights off): "
+            f"{name}: weight [{r}, {c}] = {float(Wf[r, c]):.7g} is not on its saved grid (scale "
+            f"{float(s[r, c]):.7g}, zero {float(z[r, c]):g}, codes 0..{maxq}; {int(off.sum())} weights off): "
             "the grids in the run folder are not the final ones; save the grids the weights were rounded to")
     if bool((tol >= 0.5 * s).any()):
         raise ValueError(f"{name}: weights stored in {W.dtype} cannot pin down {maxq.bit_length()}-bit codes; "
