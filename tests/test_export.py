@@ -159,13 +159,15 @@ def test_gptq_checkpoint_loads_in_transformers_with_our_codes(tmp_path, capsys):
     _assert_exact(cmp, ppl)
 
 
-def test_compressed_tensors_checkpoint_from_quantize_save_format(tmp_path):
+def test_compressed_tensors_checkpoint_from_quantize_save_format(tmp_path, capsys):
+    """`magr quantize --save-format compressed-tensors --fp16-scale`: run folder plus OUT/compressed-tensors."""
     needs("compressed_tensors")
+    from magr.cli import main
     from magr.persistence import load_quant_params
 
-    cfg = QuantConfig.build(method="rtn", bits=3, fp16_scale=True)
-    quantize_run("stories260k", tmp_path, cfg, calibration=_calibration(), progress=False,
-                 export=Export("compressed-tensors"))
+    assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--bits", "3", "--fp16-scale",
+                 "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path),
+                 "--save-format", "compressed-tensors"]) == 0
     folder = tmp_path / "compressed-tensors"
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qcfg["format"] == "pack-quantized" and qcfg["config_groups"]["group_0"]["weights"]["num_bits"] == 3
@@ -173,6 +175,15 @@ def test_compressed_tensors_checkpoint_from_quantize_save_format(tmp_path):
     cmp, ppl = _round_trip(folder, model, load_quant_params(tmp_path), tok)
     _assert_exact(cmp, ppl)
     assert cmp["scale_max_rel_diff"] == 0.0  # fp16_scale: the stored scales are ours exactly
+    # a second run into the same folder is refused before any work: OUT/compressed-tensors is not empty
+    assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--calib", "tinystories",
+                 "--out", str(tmp_path), "--save-format", "compressed-tensors"]) == 2
+    assert "compressed-tensors exists and is not empty" in capsys.readouterr().err
+    # a grid the format cannot load is refused before any work too
+    assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--bits", "3", "--calib", "tinystories",
+                 "--out", str(tmp_path / "g3"), "--save-format", "gptq"]) == 2
+    assert "3-bit GPTQ needs both widths to be multiples of 32" in capsys.readouterr().err
+    assert not (tmp_path / "g3").exists()
 
 
 def _tiny_llama():
