@@ -207,18 +207,25 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the exported folders (runs/export-ckpt/)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of an existing OUT.json, measure the rest")
     args = ap.parse_args()
     profile = PROFILES[args.profile]
-    cells = {k: v for k, v in profile["cells"].items() if args.cells is None or k in args.cells}
+    chosen = lambda d: {k: v for k, v in d.items() if args.cells is None or k in args.cells}  # noqa: E731
+    cells = chosen(profile["cells"])
     out_root = Path("runs/export-ckpt")
-    rows, grids, counts = [float_row(profile, args)], {}, {}
-    for name, settings in {**cells, **profile["count_only"]}.items():
+    old = json.loads(Path(args.out + ".json").read_text()) if args.resume else {"rows": [], "grids": {},
+                                                                                 "zero_counts": {}}
+    done = {(r["cell"], r["format"]): r for r in old["rows"]}
+    rows = [done.get(("float", "float16")) or float_row(profile, args)]
+    grids, counts = old["grids"], old["zero_counts"]
+    for name, settings in {**cells, **chosen(profile["count_only"])}.items():
         folder = ensure_run(profile, name, settings)
         grids[name] = read_run(folder)["config"]["grid"]
         counts[name] = zero_counts(folder)
-        if name in cells:
-            rows += [measure(profile, name, folder, fmt, out_root, args) for fmt in args.formats]
-            print(json.dumps(rows[-len(args.formats):], default=str)[:2000], flush=True)
+        for fmt in args.formats if name in cells else ():
+            rows.append(done.pop((name, fmt), None) or measure(profile, name, folder, fmt, out_root, args))
+            print(json.dumps(rows[-1], default=str)[:2000], flush=True)
+    rows += [r for key, r in done.items() if key != ("float", "float16")]
     result = {"model": profile["model"], "rows": rows, "grids": grids, "zero_counts": counts,
               "settings": {"calibration": str(profile["calibration"]), "evaluation": str(profile["evaluation"]),
                            "true_sequential": profile["true_sequential"], "new_tokens": args.new_tokens,
