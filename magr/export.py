@@ -270,7 +270,7 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
 
 def export_run(run_dir, out, export: Export = Export()) -> Path:
     """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``."""
-    from .models import load_model
+    from .models import DTYPES, load_model
 
     run_dir = Path(run_dir)
     check_output_folder(out)
@@ -280,5 +280,6 @@ def export_run(run_dir, out, export: Export = Export()) -> Path:
                                 "the model; rerun `magr quantize` without --no-save")
     grid = Grid(**run["config"]["grid"])
     params = load_quant_params(run_dir)
-    model, tokenizer = load_model(str(run_dir))
+    # in the run's dtype: weights saved in float16 carry its rounding, which the on-grid check allows for
+    model, tokenizer = load_model(str(run_dir), dtype=DTYPES[run.get("dtype", "float32")])
     return export_model(model, tokenizer, params, grid, out, export, source=str(run_dir))

@@ -228,7 +228,12 @@ def test_on_grid_check_follows_the_saved_weights():
     p = Grid(4).params(W)
     s, z = p.columns()
     Q = quantize(W, s, z, p.maxq)
-    assert layer_codes("l", Q, p).codes.max() <= 15
+    codes = layer_codes("l", Q, p).codes
+    assert codes.max() <= 15
+    assert torch.equal(layer_codes("l", Q.half(), p).codes, codes)  # a float16 run: rounded weights, same codes
+    with pytest.raises(ValueError, match=r"weights stored in torch.bfloat16 cannot pin down 8-bit codes"):
+        p8 = Grid(8).params(W)
+        layer_codes("l8", quantize(W, *p8.columns(), p8.maxq).bfloat16(), p8)
     p.scale[2, 0] *= 1.5  # a grid that is not the one the weights were rounded to
     with pytest.raises(ValueError, match=r"l: weight \[2, \d+\] = .* is not on its saved grid"):
         layer_codes("l", Q, p)
