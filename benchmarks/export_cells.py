@@ -7,8 +7,8 @@ For every cell: quantize it into runs/export[-stories]/<cell> unless that run fo
 with the profile's settings, model saved), count its grids whose zero point is outside [0, 2^b - 1] (what
 Grid(clamp_zero=True) would clamp) or 0 (what GPTQ v1 cannot hold), then for each format: export it, measure
 the checkpoint's size on disk and that of its linear layers' tensors (vs 2 bytes per weight in fp16), reload
-it with transformers in float16 (GPTQ: gptqmodel's default CPU kernel, its torch kernel for stories260K;
-compressed-tensors de-quantized on load), compare the codes, zero points and scales the loader unpacks with ours, and measure perplexity
+it with transformers in float16 (GPTQ: gptqmodel's default CPU kernel, its torch kernel for stories260K
+and for 4-bit per-channel grids, where the default one fails; compressed-tensors de-quantized on load), compare the codes, zero points and scales the loader unpacks with ours, and measure perplexity
 (vs the run's in-memory float32 perplexity) and greedy decoding speed (tokens/s: median and range of
 ``--repeats`` generations of ``--new-tokens`` tokens after a 16-token prompt, one warm-up first).
 Writes OUT.json and OUT.md.
@@ -138,7 +138,12 @@ def measure(profile: dict, name: str, folder: Path, fmt: str, out_root: Path, ar
                gptq_version=json.loads((target / "config.json").read_text())["quantization_config"].get(
                    "checkpoint_format"))
     del model
-    reloaded = load_exported(target, dtype=torch.float16, gptq_backend=profile["gptq_backend"])
+    grid = run["config"]["grid"]
+    # gptqmodel's default 4-bit CPU kernel (torch_fused) fails at the first forward for per-channel grids
+    # (torch's int4 matmul takes groups of 32..256 only): its torch kernel for those
+    per_channel_w4 = grid["bits"] == 4 and grid["group_size"] is None
+    reloaded = load_exported(target, dtype=torch.float16,
+                             gptq_backend=profile["gptq_backend"] or ("torch" if per_channel_w4 else None))
     row["kernel"] = type(next(m for n, m in reloaded.named_modules() if n.endswith("q_proj"))).__name__
     row.update(compare_grids(ours, reloaded_grids(target, reloaded), loaded_weights(reloaded)))
     ppl = profile["evaluation"].perplexities(reloaded, tok, "cpu")
