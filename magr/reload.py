@@ -24,7 +24,7 @@ def export_info(folder) -> dict:
 
 def load_exported(folder, dtype: torch.dtype = torch.float16, gptq_backend: str | None = None):
     """The model in ``folder`` through transformers; ``gptq_backend`` picks gptqmodel's kernel (e.g. "torch";
-    default: gptqmodel's choice). compressed-tensors checkpoints are de-quantized while loading."""
+    default: gptqmodel's choice), run eagerly. compressed-tensors checkpoints are de-quantized while loading."""
     from transformers import AutoModelForCausalLM
 
     fmt = export_info(folder)["format"]
@@ -38,6 +38,12 @@ def load_exported(folder, dtype: torch.dtype = torch.float16, gptq_backend: str 
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map="cpu", **kw)
+    for module in model.modules():
+        # gptqmodel's torch kernel wraps each module's de-quantization in torch.compile, keyed on data
+        # pointers: on a model of 200 layers it recompiles per layer until torch's recompile limit (minutes
+        # per forward on the CPU); the eager method computes the same weights
+        if "dequantize_weight" in vars(module):
+            del module.dequantize_weight
     return model.eval()
 
 
