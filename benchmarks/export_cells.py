@@ -7,7 +7,7 @@ For every cell: quantize it into runs/export[-stories]/<cell> unless that run fo
 with the profile's settings, model saved), count its grids whose zero point is outside [0, 2^b - 1] (what
 Grid(clamp_zero=True) would clamp) or 0 (what GPTQ v1 cannot hold), then for each format: export it, measure
 the checkpoint's size on disk and that of its linear layers' tensors (vs 2 bytes per weight in fp16), reload
-it with transformers in float16 (GPTQ: gptqmodel's default CPU kernel, its torch kernel for stories260K
+it with transformers (float16 for GPTQ, whose kernels take no float32; float32 for compressed-tensors) (GPTQ: gptqmodel's default CPU kernel, its torch kernel for stories260K
 and for 4-bit per-channel grids, where the default one fails; compressed-tensors de-quantized on load), compare the codes, zero points and scales the loader unpacks with ours, and measure perplexity
 (vs the run's in-memory float32 perplexity) and greedy decoding speed (tokens/s: median and range of
 ``--repeats`` generations of ``--new-tokens`` tokens after a 16-token prompt, one warm-up first).
@@ -43,12 +43,13 @@ PROFILES = {
         "evaluation": Evaluation(eval_sets=("wikitext2", "c4"), eval_seqlen=512, max_windows=4),
         "cells": {
             "w4-magr-optq": {"method": "magr+optq", "bits": 4}, "w4-optq": {"method": "optq", "bits": 4},
-            "w3-magr-optq": {"method": "magr+optq", "bits": 3}, "w3-optq": {"method": "optq", "bits": 3},
-            "w2-optq": {"method": "optq", "bits": 2},
+            "w3-magr-optq": {"method": "magr+optq", "bits": 3}, "w2-optq": {"method": "optq", "bits": 2},
+            "w2-optq-clamp": {"method": "optq", "bits": 2, "clamp_zero": True},  # w2-optq: a zero point of 4
+            "x-w4g32-rtn-sym": {"method": "rtn", "bits": 4, "group_size": 32, "sym": True},
             "w3g64-magr-optq": {"method": "magr+optq", "bits": 3, "group_size": 64},
             "x-w8-rtn-sym": {"method": "rtn", "bits": 8, "sym": True},
-            "x-w4g32-rtn-sym": {"method": "rtn", "bits": 4, "group_size": 32, "sym": True},
             "x-w2g64-rtn": {"method": "rtn", "bits": 2, "group_size": 64},
+            "w3-optq": {"method": "optq", "bits": 3},
         },
         "count_only": {  # the other beta < 1 cells of params.yaml: zero points counted, not exported
             "w3-rtn": {"method": "rtn", "bits": 3}, "w3-magr-rtn": {"method": "magr+rtn", "bits": 3},
@@ -142,12 +143,21 @@ def measure(profile: dict, name: str, folder: Path, fmt: str, out_root: Path, ar
     # gptqmodel's default 4-bit CPU kernel (torch_fused) fails at the first forward for per-channel grids
     # (torch's int4 matmul takes groups of 32..256 only): its torch kernel for those
     per_channel_w4 = grid["bits"] == 4 and grid["group_size"] is None
-    reloaded = load_exported(target, dtype=torch.float16,
+    # GPTQ kernels take float16 (or bfloat16) only; de-quantized compressed-tensors run in float32 here, as
+    # float16 matmuls are ~10x slower on this CPU
+    reloaded = load_exported(target, dtype=torch.float16 if fmt == "gptq" else torch.float32,
                              gptq_backend=profile["gptq_backend"] or ("torch" if per_channel_w4 else None))
     row["kernel"] = type(next(m for n, m in reloaded.named_modules() if n.endswith("q_proj"))).__name__
     row.update(compare_grids(ours, reloaded_grids(target, reloaded), loaded_weights(reloaded)))
-    ppl = profile["evaluation"].perplexities(reloaded, tok, "cpu")
-    row["ppl_memory"] = {k: v["ppl"] for k, v in run["ppl"].items()}
+    if args.no_eval:  # sizes and exact codes only
+        return row
+    evaluation = profile["evaluation"]
+    if args.eval_sets:
+        evaluation = Evaluation(tuple(args.eval_sets), evaluation.eval_seqlen, evaluation.eval_batch,
+                                evaluation.max_windows)
+    ppl = evaluation.perplexities(reloaded, tok, "cpu")
+    row["reload_dtype"] = str(next(reloaded.parameters()).dtype)
+    row["ppl_memory"] = {k: run["ppl"][k]["ppl"] for k in ppl}
     row["ppl_reload"] = {k: v["ppl"] for k, v in ppl.items()}
     row["ppl_rel_gap"] = {k: ppl[k]["ppl"] / run["ppl"][k]["ppl"] - 1 for k in ppl}
     row["prefill_tok_s"] = {k: v["max_windows"] * v["seqlen"] / v["seconds"] for k, v in ppl.items()}
@@ -168,6 +178,7 @@ def fmt_size(n: int) -> str:
 
 
 def markdown(result: dict) -> str:
+    """The tables of OUT.md; a GPTQ checkpoint written as gptq_v2 (a zero point of 0) is marked (v2)."""
     lines = [f"## Exported checkpoints: {result['model']} round trip on this CPU", "",
              "| cell | bits | group | sym | format | kernel | checkpoint MiB | linear MiB (fp16 MiB, ratio) | codes = ours "
              "| scales = fp16(ours) | max weight diff (steps) | ppl in memory | ppl reloaded | gap | decode tok/s "
@@ -175,18 +186,19 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         g = result["grids"].get(r["cell"])
         head = f"| {r['cell']} | " + (f"{g['bits']} | {g['group_size'] or 'channel'} | {'yes' if g['sym'] else 'no'}"
-                                      if g else "- | - | -") + f" | {r['format']} |"
+                                      if g else "- | - | -") + f" | {r['format']}" \
+            + (" (v2)" if r.get("gptq_version") == "gptq_v2" else "") + " |"
         if "refused" in r:
             lines.append(head + f" refused: {r['refused'][:90]}... |" + " |" * 9)
             continue
-        sp = r["decode_tok_s"]
-        speed = f"{sp['median']:.1f} ({sp['min']:.1f}-{sp['max']:.1f})"
+        sp = r.get("decode_tok_s")
+        speed = f"{sp['median']:.1f} ({sp['min']:.1f}-{sp['max']:.1f})" if sp else "not measured"
         if r["cell"] == "float":
             lines.append(head + " Linear |" + " - |" * 8 + f" {speed} |")
             continue
-        mem = ", ".join(f"{v:.3f}" for v in r["ppl_memory"].values() if v)
-        rel = ", ".join(f"{r['ppl_reload'][k]:.3f}" for k in r["ppl_reload"])
-        gap = ", ".join(f"{100 * g:+.3f}%" for g in r["ppl_rel_gap"].values())
+        mem = ", ".join(f"{v:.3f}" for v in r.get("ppl_memory", {}).values()) or "-"
+        rel = ", ".join(f"{v:.3f}" for v in r.get("ppl_reload", {}).values()) or "not measured"
+        gap = ", ".join(f"{100 * g:+.3f}%" for g in r.get("ppl_rel_gap", {}).values()) or "-"
         exact = "yes" if r["codes"] and r["zero"] and r["g_idx"] else "NO"
         lines.append(head + f" {r['kernel']} | {fmt_size(r['checkpoint_bytes'])} | {fmt_size(r['linear_bytes'])} "
                      f"({fmt_size(r['linear_fp16_bytes'])}, {r['linear_ratio']:.4f}) | {exact} | "
@@ -208,20 +220,24 @@ def main():
     ap.add_argument("--profile", choices=tuple(PROFILES), default="smollm2")
     ap.add_argument("--cells", nargs="*", default=None, help="a subset of the profile's cells")
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
+    ap.add_argument("--eval-sets", nargs="*", default=None,
+                    help="perplexity sets of the reloaded models (default: the profile's; a subset saves time)")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="no perplexity and no speed of the reloaded models: sizes and exact codes only")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--keep", action="store_true", help="keep the exported folders (runs/export-ckpt/)")
+    ap.add_argument("--keep", action="store_true", help="keep the exported folders (runs/export-ckpt/<OUT name>/)")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     ap.add_argument("--resume", action="store_true", help="keep the rows of an existing OUT.json, measure the rest")
     args = ap.parse_args()
     profile = PROFILES[args.profile]
     chosen = lambda d: {k: v for k, v in d.items() if args.cells is None or k in args.cells}  # noqa: E731
     cells = chosen(profile["cells"])
-    out_root = Path("runs/export-ckpt")
+    out_root = Path("runs/export-ckpt") / Path(args.out).name
     old = json.loads(Path(args.out + ".json").read_text()) if args.resume else {"rows": [], "grids": {},
                                                                                  "zero_counts": {}}
     done = {(r["cell"], r["format"]): r for r in old["rows"]}
-    rows = [done.get(("float", "float16")) or float_row(profile, args)]
+    rows = [done.pop(("float", "float16"), None) or float_row(profile, args)]
     grids, counts = old["grids"], old["zero_counts"]
     for name, settings in {**cells, **chosen(profile["count_only"])}.items():
         folder = ensure_run(profile, name, settings)
@@ -229,18 +245,23 @@ def main():
         counts[name] = zero_counts(folder)
         for fmt in args.formats if name in cells else ():
             rows.append(done.pop((name, fmt), None) or measure(profile, name, folder, fmt, out_root, args))
-            print(json.dumps(rows[-1], default=str)[:2000], flush=True)
-    rows += [r for key, r in done.items() if key != ("float", "float16")]
+            print(json.dumps(rows[-1], default=str), flush=True)
+            write(args, profile, rows + list(done.values()), grids, counts)  # after every row: --resume
+    print(write(args, profile, rows + list(done.values()), grids, counts))
+
+
+def write(args, profile: dict, rows: list, grids: dict, counts: dict) -> str:
     result = {"model": profile["model"], "rows": rows, "grids": grids, "zero_counts": counts,
               "settings": {"calibration": str(profile["calibration"]), "evaluation": str(profile["evaluation"]),
                            "true_sequential": profile["true_sequential"], "new_tokens": args.new_tokens,
-                           "repeats": args.repeats, "torch_threads": torch.get_num_threads()},
+                           "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+                           "reload_eval_sets": args.eval_sets or "the profile's"},
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                          "shared with other jobs (speeds are indicative)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
-    print(markdown(result))
+    return markdown(result)
 
 
 if __name__ == "__main__":
