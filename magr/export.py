@@ -109,6 +109,9 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
     s, z = scale[:, p.g_idx], zero[:, p.g_idx]
     q = torch.round(Wf / s) + z
     tol = torch.finfo(W.dtype).eps / 2 * Wf.abs() + 1e-5 * s
+    if bool((tol >= 0.5 * s).any()):
+        raise ValueError(f"{name}: weights stored in {W.dtype} cannot pin down {maxq.bit_length()}-bit codes; "
+                         "quantize with --dtype float32")
     off = (q < 0) | (q > maxq) | ((s * (q - z) - Wf).abs() > tol)
     if off.any():
         r, c = _first(off)
@@ -116,9 +119,6 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
             f"{name}: weight [{r}, {c}] = {float(Wf[r, c]):.7g} is not on its saved grid (scale "
             f"{float(s[r, c]):.7g}, zero {float(z[r, c]):g}, codes 0..{maxq}; {int(off.sum())} weights off): "
             "the grids in the run folder are not the final ones; save the grids the weights were rounded to")
-    if bool((tol >= 0.5 * s).any()):
-        raise ValueError(f"{name}: weights stored in {W.dtype} cannot pin down {maxq.bit_length()}-bit codes; "
-                         "quantize with --dtype float32")
     return LayerCodes(q.long(), scale, zero.long(), p.g_idx.long())
 
 
