@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python >= 3.10, ../shared beside the repository):
 #   make repro   set up .venv and run the whole pipeline (dvc repro) -> reports/
-#   make test    set up .venv and run the unit tests and the notebooks (pytest --nbval-lax)
+#   make test    set up .venv (with magr[export]) and run the unit tests and the notebooks (pytest --nbval-lax)
 # Other targets: setup, status (dvc status), clean (remove runs/ and the executed notebooks),
 # store-notebooks (re-execute the notebooks and store the outputs nbval compares).
 
@@ -19,12 +19,19 @@ export MPLBACKEND := Agg
 # spinning threads slow torch's many small ops down badly.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test test-unit test-notebooks store-notebooks status clean
+.PHONY: setup setup-test repro test test-unit test-notebooks store-notebooks status clean
 
 setup: $(VENV)/.magr-installed
 
 $(VENV)/.magr-installed: requirements.txt constraints.txt pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) bash scripts/setup.sh $(VENV)
+	touch $@
+
+# the tests also load exported checkpoints with their third-party loaders (magr[export]: gptqmodel, ...)
+setup-test: $(VENV)/.magr-export-installed
+
+$(VENV)/.magr-export-installed: $(VENV)/.magr-installed
+	PYTHON=$(PYTHON) EXTRAS=export bash scripts/setup.sh $(VENV)
 	touch $@
 
 repro:
@@ -36,7 +43,7 @@ repro:
 	  "$$(nproc)" "$$(date -u +%Y-%m-%dT%H:%MZ)" > reports/pipeline_wall_time.md && \
 	cat reports/pipeline_wall_time.md
 
-test: setup test-unit test-notebooks
+test: setup-test test-unit test-notebooks
 
 test-unit:
 	$(BIN)/python -m pytest -q tests/

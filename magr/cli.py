@@ -1,10 +1,11 @@
-"""Command line: ``magr quantize``, ``magr ppl`` and ``magr zeroshot``.
+"""Command line: ``magr quantize``, ``magr export``, ``magr ppl`` and ``magr zeroshot``.
 
 Examples:
 
     magr quantize --model stories260k --method magr+optq --bits 3 --calib tinystories \
                   --nsamples 32 --seqlen 256 --eval-sets tinystories --eval-seqlen 256 --out runs/s260k-w3
     magr ppl --model runs/s260k-w3 --eval-sets wikitext2 c4 --eval-seqlen 512
+    magr export runs/s260k-w3 --format gptq --out runs/s260k-w3-gptq
 
 An interrupted `magr quantize` (Ctrl-C, a crash, a kill) resumes from its block checkpoints when rerun
 with the same command; checkpoints of another model, dtype, settings or calibration are never mixed in
@@ -18,6 +19,7 @@ default and the checks of that dataclass; params.yaml cells use the same names.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 from .calibration_data import Calibration
 from .checkpoints import RESUME_POLICIES
 from .evaluation import Evaluation
+from .export import FORMATS, GPTQ_VERSIONS, Export
 from .methods import PRESETS, setting_names
 from .models import DTYPES
 from .persistence import dumps, write_json
@@ -101,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "their key differs")
     q.add_argument("--keep-checkpoints", "--keep_checkpoints", dest="keep_checkpoints", action="store_true",
                    help="keep the block checkpoints after the run is written (default: removed)")
+    q.add_argument("--save-format", "--save_format", dest="save_format", default="float",
+                   choices=("float",) + FORMATS,
+                   help="float (default): the run folder only; gptq or compressed-tensors: also the packed "
+                        "low-bit checkpoint in OUT/<format> (as `magr export`)")
+    q.add_argument("--gptq-version", "--gptq_version", dest="gptq_version", default="auto",
+                   choices=GPTQ_VERSIONS, help=flat_fields(Export)["gptq_version"].metadata["help"])
+
+    x = sub.add_parser("export", help="pack a saved run folder into a GPTQ or compressed-tensors checkpoint")
+    x.add_argument("run_dir", help="run folder written by `magr quantize` (with the model saved)")
+    _add_settings(x, flat_fields(Export))
+    x.add_argument("--out", required=True, help="output folder (new or empty)")
+    x.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     e = sub.add_parser("ppl", help="perplexity of a model (hub id, folder or alias)")
     _common(e)
@@ -130,15 +145,23 @@ def cmd_quantize(args) -> dict:
                               **_given(args, setting_names()))
     calibration = Calibration(**_given(args, flat_fields(Calibration)))
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
+    export = None if args.save_format == "float" else Export(args.save_format, args.gptq_version)
     options = dict(dtype=args.dtype, device=args.device, data_root=args.data_root, resume=args.resume,
                    keep_checkpoints=args.keep_checkpoints)
     if args.seeds is not None:
         if args.checkpoint_dir:
             raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
         return {"seeds": quantize_cell(args.model, args.out, quant, args.seeds, calibration, evaluation,
-                                       save=args.save, **options)}
+                                       save=args.save, export=export, **options)}
     return quantize_run(args.model, args.out, quant, calibration, evaluation, save=args.save,
-                        checkpoint_dir=args.checkpoint_dir, **options)
+                        checkpoint_dir=args.checkpoint_dir, export=export, **options)
+
+
+def cmd_export(args) -> dict:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, Export(**_given(args, flat_fields(Export))))
+    return {"run": args.run_dir, "out": str(out), **json.loads((out / "magr_export.json").read_text())}
 
 
 def cmd_ppl(args) -> dict:
@@ -173,7 +196,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    commands = {"quantize": cmd_quantize, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}
+    commands = {"quantize": cmd_quantize, "export": cmd_export, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}
     try:  # a scheduler's SIGTERM stops a run as cleanly as Ctrl-C
         previous = signal.signal(signal.SIGTERM, _terminated)
     except ValueError:  # not the main thread

@@ -170,10 +170,7 @@ def save_quantized(model: nn.Module, tokenizer, params: dict[str, QuantParams], 
     out = Path(out_dir)
     with staged_folder(out) as stage:  # every file appears complete or not at all
         model.save_pretrained(stage)
-        try:
-            tokenizer.save_pretrained(stage)
-        except Exception as exc:  # some tokenizers (e.g. wrappers) cannot be saved; reload them by alias
-            log.warning("tokenizer not saved (%s); load it from the source model", exc)
+        save_tokenizer(tokenizer, stage)
         tensors = {}
         for name, p in params.items():
             tensors[f"{name}.scale"] = p.scale.contiguous()
@@ -181,6 +178,14 @@ def save_quantized(model: nn.Module, tokenizer, params: dict[str, QuantParams], 
             tensors[f"{name}.g_idx"] = p.g_idx.to(torch.int32).contiguous()
         save_file(tensors, str(stage / PARAMS_FILE))
     return out
+
+
+def save_tokenizer(tokenizer, out) -> None:
+    """``tokenizer.save_pretrained(out)``; a tokenizer that cannot be saved (a wrapper) is logged, not fatal."""
+    try:
+        tokenizer.save_pretrained(out)
+    except Exception as exc:  # reload it by alias
+        log.warning("tokenizer not saved (%s); load it from the source model", exc)
 
 
 def load_quant_params(folder) -> dict[str, QuantParams]:

@@ -9,6 +9,15 @@ Grid of one row (or one group of ``group_size`` consecutive inputs of a row), as
 
 ``beta`` < 1 shrinks the step (clipping the largest weights); the released code's values are
 :func:`default_beta`. Symmetric grids use xmax = max(|xmin|, xmax), xmin = -xmax and z = 2^(b-1).
+
+Two options make every grid storable in packed checkpoints (:mod:`magr.export`); both are off by default
+because they change the published procedure's results:
+
+- ``clamp_zero``: z = clamp(round(-xmin / delta), 0, 2^b - 1). With beta < 1 a row (or group) of mostly
+  negative weights has -xmin / delta > (2^b - 1) / beta, so z can exceed 2^b - 1, which no packed format
+  holds (and 0 is then off the grid). With beta = 1, z <= 2^b - 1 always, so the option changes nothing.
+- ``fp16_scale``: delta is rounded to float16 (at least float16's smallest normal, 2^-14) before z and the
+  codes are computed, so a checkpoint storing float16 scales computes exactly the evaluated weights.
 """
 from __future__ import annotations
 
@@ -59,6 +68,10 @@ class Grid:
     sym: bool = setting(False, "symmetric grid (default asymmetric)")
     beta: float = setting(1.0, "step shrink in (0, 1] (default: the method preset's rule, e.g. the released code's "
                                     "0.8 / 0.9 / 1 at 2 / 3 / 4 bits, 0.95 at g128)")
+    clamp_zero: bool = setting(False, "clamp zero points to [0, 2^bits - 1] so packed checkpoints can store them "
+                                      "(changes grids only when beta < 1)")
+    fp16_scale: bool = setting(False, "round scales to float16 before computing codes (what packed checkpoints "
+                                      "store)")
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -92,10 +105,14 @@ class Grid:
         xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
         xmax = torch.where(flat, torch.ones_like(xmax), xmax)
         scale = self.beta * (xmax - xmin) / self.maxq
+        if self.fp16_scale:
+            scale = scale.clamp(min=2.0**-14).half().float()
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:
             zero = torch.round(-xmin / scale)
+            if self.clamp_zero:
+                zero = zero.clamp(0, self.maxq)
         return scale.unsqueeze(1), zero.unsqueeze(1)
 
     def params(self, W: torch.Tensor) -> QuantParams:

@@ -12,6 +12,7 @@ from . import preflight
 from .calibration_data import Calibration
 from .checkpoints import RESUME_POLICIES
 from .evaluation import Evaluation
+from .export import Export, check_exportable, check_output_folder, export_model, linear_shapes
 from .methods import QuantConfig
 from .models import DTYPES, load_model, resolve_device
 from .persistence import retire_run, save_quantized, write_run
@@ -30,13 +31,14 @@ def _check_dtype(dtype: str) -> None:
 def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration = Calibration(),
                  evaluation: Evaluation = Evaluation(), dtype: str = "float32", device: str | None = None,
                  data_root=None, save: bool = True, checkpoint_dir=None, progress: bool = True,
-                 resume: str = "auto", keep_checkpoints: bool = False) -> dict:
+                 resume: str = "auto", keep_checkpoints: bool = False, export: Export | None = None) -> dict:
     """Quantize ``model`` (alias, folder, .gguf or hub id) with ``quant``, evaluate it, write the run folder.
 
     ``out`` receives ``magr_run.json`` and ``magr_layers.json`` (and, with ``save``, the model and its
     grids). Block checkpoints go to ``checkpoint_dir`` (default ``out/.blocks`` when saving); a rerun
     resumes them per ``resume`` (auto, never, force: :mod:`magr.checkpoints`), and they are removed once the
-    run is written unless ``keep_checkpoints``. Returns the run metadata.
+    run is written unless ``keep_checkpoints``. With ``export``, the packed checkpoint also goes to
+    ``out/<format>`` (:func:`magr.export.export_model`). Returns the run metadata.
     """
     _check_dtype(dtype)
     dev = resolve_device(device)
@@ -46,10 +48,16 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
     ckpt = preflight.default_checkpoint_dir(out, save, checkpoint_dir)
     preflight.check_output(out, model, ckpt, save)
     check_choice("resume", resume, RESUME_POLICIES)
+    if export is not None:
+        if not save:
+            raise ValueError(f"save_format={export.format!r} needs the model saved; drop --no-save")
+        check_output_folder(out / export.format)
 
-    def check(net):  # architecture, layer widths, context, disk space
+    def check(net):  # architecture, layer widths, context, disk space, the export format's limits
         preflight.check_model(net, quant, calibration, evaluation)
         preflight.check_disk_space(net, quant.grid.group_size, out, save, ckpt)
+        if export is not None:
+            check_exportable(quant.grid, export, linear_shapes(net))
 
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])  # config only: no weights read yet
     if skeleton is not None:
@@ -72,6 +80,8 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
         if evaluation.eval_sets:
             meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams)
         write_run(out, meta, result.records)
+        if export is not None:
+            export_model(net, tokenizer, result.params, quant.grid, out / export.format, export, source=str(out))
     except KeyboardInterrupt:
         kept = f"every block is saved in {ckpt}; rerun the same command to finish" if ckpt else "nothing saved"
         raise Interrupted(f"interrupted after quantizing, before {out} was written: {kept}") from None
@@ -86,12 +96,13 @@ def seed_folder(out, seed: int) -> Path:
 
 
 def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calibration = Calibration(),
-                  evaluation: Evaluation = Evaluation(), save: bool = False, **options) -> list[dict]:
+                  evaluation: Evaluation = Evaluation(), save: bool = False, export: Export | None = None,
+                  **options) -> list[dict]:
     """One cell of the pipeline: :func:`quantize_run` once per calibration seed, into OUT/seed-<seed>.
 
     A method that reads no calibration data (RTN) gives the same model for every seed, so it runs once,
     for the first seed. ``save`` keeps the model of the first seed only (the one the zero-shot stages
-    evaluate). ``options`` go to :func:`quantize_run`. Returns the run metadata of each seed.
+    evaluate), and ``export`` packs that model. ``options`` go to :func:`quantize_run`. Returns the run metadata of each seed.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -101,7 +112,8 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
         seeds = seeds[:1]
     return [quantize_run(model, seed_folder(out, s), quant, replace(calibration, seed=s), evaluation,
-                         save=save and i == 0, **options) for i, s in enumerate(seeds)]
+                         save=save and i == 0, export=export if i == 0 else None, **options)
+            for i, s in enumerate(seeds)]
 
 
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,

