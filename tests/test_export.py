@@ -116,7 +116,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, stories260k, capsys
 
 
 def _calibration():
-    from magr.data import Calibration
+    from magr.calibration_data import Calibration
 
     return Calibration(calib="tinystories", nsamples=4, seqlen=64)
 
@@ -177,11 +177,11 @@ def test_compressed_tensors_checkpoint_from_quantize_save_format(tmp_path, capsy
     assert cmp["scale_max_rel_diff"] == 0.0  # fp16_scale: the stored scales are ours exactly
     # a second run into the same folder is refused before any work: OUT/compressed-tensors is not empty
     assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--calib", "tinystories",
-                 "--out", str(tmp_path), "--save-format", "compressed-tensors"]) == 2
+                 "--nsamples", "2", "--seqlen", "64", "--out", str(tmp_path), "--save-format", "compressed-tensors"]) == 2
     assert "compressed-tensors exists and is not empty" in capsys.readouterr().err
     # a grid the format cannot load is refused before any work too
     assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--bits", "3", "--calib", "tinystories",
-                 "--out", str(tmp_path / "g3"), "--save-format", "gptq"]) == 2
+                 "--nsamples", "2", "--seqlen", "64", "--out", str(tmp_path / "g3"), "--save-format", "gptq"]) == 2
     assert "3-bit GPTQ needs both widths to be multiples of 32" in capsys.readouterr().err
     assert not (tmp_path / "g3").exists()
 
