@@ -126,8 +126,7 @@ class QuantConfig:
         for key in ("preprocess", "quantizer", "refine"):
             step, template = d.get(key), getattr(preset, key)
             if step and template is not None:
-                prefix = getattr(type(template), "PREFIX", "")
-                settings.update({prefix + k: v for k, v in step.items() if k != "name"})
+                settings.update({k: step[f.name] for k, f in flat_fields(type(template)).items() if f.name in step})
         return cls.build(method=d["method"], true_sequential=d["true_sequential"], **settings)
 
     def to_dict(self) -> dict:

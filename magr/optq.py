@@ -11,6 +11,11 @@ never active (H[j, j] = 0, "dead") get H[j, j] = 1 and a zero weight column, as 
 processes columns by decreasing H[j, j]; ``static_groups`` fixes every group's grid from the initial W
 before any update (otherwise a group's grid is taken when its first column is reached, from the weights
 chosen by ``group_grid``).
+
+Inside a block the column steps run in :func:`columns_torch` (the pure-torch loop, the reference) or in one
+compiled call per block segment (:mod:`magr.optq_block`, the same float32 operations, equal to the bit;
+``OPTQ.backend``). A block is cut into segments at the first columns of groups whose grid is fitted during
+the loop, so that each grid is fitted by the same torch code in both, between two calls.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from .cbuild import BACKENDS, choose
 from .quantizers import Grid, QuantParams, quantize
 from .settings import check_choice, setting
 
@@ -92,13 +98,51 @@ def _group_weights(W, W1, Err1, U, i1: int, i2: int, k: int, g: int, group_grid:
     return cur
 
 
+def columns_torch(W1, Err1, U1, Q1, scale, zero, group_of, c0: int, c1: int, maxq: int) -> None:
+    """Columns c0..c1-1 of a lazy block, in place (the pure-torch loop, the reference): for each column i,
+
+        q = quant(W1[:, i]) on its group's grid,   Q1[:, i] = q,
+        e = (W1[:, i] - q) / U1[i, i],   W1[:, i:] -= e U1[i, i:],   Err1[:, i] = e.
+
+    W1, Err1, Q1 (out x bs) are the block's working weights, errors and output columns, U1 (bs x bs) its
+    part of U, scale/zero (out x groups) the grids, group_of (bs) each block column's group.
+    """
+    group_of = group_of.tolist()
+    for i in range(c0, c1):
+        gi = group_of[i]
+        w = W1[:, i]
+        q = quantize(w, scale[:, gi], zero[:, gi], maxq)
+        Q1[:, i] = q
+        err = (w - q) / U1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+
+
+def column_function(backend: str, device: torch.device):
+    """The block's column loop for ``backend``: :func:`magr.optq_block.columns_cpu` (compiled) or
+    :func:`columns_torch`. "auto": compiled on the CPU when the kernel builds (else the torch loop with a
+    logged warning), the torch loop on other devices; "compiled": an error naming why it cannot run."""
+    from .optq_block import columns_cpu, compiled_columns
+
+    if backend == "auto" and torch.device(device).type != "cpu":
+        return columns_torch
+    return choose("optq_backend", backend, device, compiled_columns, columns_cpu, columns_torch,
+                  "OPTQ column loop", log)
+
+
+def _segments(i1: int, i2: int, g: int | None) -> list[tuple[int, int]]:
+    """The block i1..i2 cut at the first columns of groups of g (None: no cut), relative to i1."""
+    cuts = sorted({i1, i2, *(range(-(-i1 // g) * g, i2, g) if g else ())})
+    return [(a - i1, b - i1) for a, b in zip(cuts, cuts[1:])]
+
+
 def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksize: int, actorder: bool,
-         static_groups: bool, group_grid: str) -> tuple[torch.Tensor, QuantParams]:
+         static_groups: bool, group_grid: str, backend: str = "auto") -> tuple[torch.Tensor, QuantParams]:
     """Quantize W (out x in) with OPTQ given H = X^T X (in x in); returns (dequantized weight, grid).
 
     The :class:`QuantParams` hold the per-group scale/zero and g_idx, the column -> group map, which
     act-order permutes. ``group_grid`` chooses the weights a non-static group's grid is fitted on
-    (:func:`_group_weights`).
+    (:func:`_group_weights`); ``backend`` the column loop (:func:`column_function`).
     """
     group_size = grid.group_size
     out, n = W.shape
@@ -110,30 +154,27 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
     H = H.float().clone()
 
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    if dead.any():
+        H[dead, dead] = 1
+        W[:, dead] = 0
 
-    g = group_size or n
+    columns = column_function(backend, W.device)
+    fit = group_size if group_size is not None and not static_groups else None  # grids fitted in the loop
     W, H, scale_g, zero_g, perm, group_of = _grids_and_order(W, H, grid, actorder, static_groups)
     U = damped_inverse_cholesky(H, percdamp)
-    Q = torch.zeros_like(W)
+    U_rows = U.contiguous()  # the same values, rows contiguous for the column loop
+    Q = torch.empty_like(W)  # every column is written, as every block column of Err1
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            k = i1 + i
-            if group_size is not None and not static_groups and k % g == 0:
-                s, z = grid.row_params(_group_weights(W, W1, Err1, U, i1, i2, k, g, group_grid))
-                scale_g[:, k // g], zero_g[:, k // g] = s[:, 0], z[:, 0]
-            gi = group_of[k]
-            w = W1[:, i]
-            q = quantize(w, scale_g[:, gi], zero_g[:, gi], grid.maxq)
-            Q[:, k] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        Err1 = torch.empty_like(W1)
+        for c0, c1 in _segments(i1, i2, fit):
+            k = i1 + c0
+            if fit and k % fit == 0:
+                s, z = grid.row_params(_group_weights(W, W1, Err1, U, i1, i2, k, fit, group_grid))
+                scale_g[:, k // fit], zero_g[:, k // fit] = s[:, 0], z[:, 0]
+            columns(W1, Err1, U_rows[i1:i2, i1:i2], Q[:, i1:i2], scale_g, zero_g, group_of[i1:i2], c0, c1,
+                    grid.maxq)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     if actorder:
@@ -156,13 +197,18 @@ class OPTQ:
     group_grid: str = setting("block_start", "OPTQ: weights a group's grid is fitted on: block_start (GPTQ's and "
                               "the released code's) or current (up to date; independent of blocksize)",
                               choices=GROUP_GRIDS)
+    backend: str = setting("auto", "OPTQ column loop: auto (compiled on the CPU when it builds, else torch), compiled, "
+                           "or torch (the pure-torch reference loop); the results are the same to the bit",
+                           choices=BACKENDS, flat="optq_backend")
 
     def __post_init__(self):
         check_choice("group_grid", self.group_grid, GROUP_GRIDS)
+        check_choice("optq_backend", self.backend, BACKENDS)
         if self.percdamp < 0:
             raise ValueError(f"percdamp={self.percdamp} must be >= 0")
         if self.blocksize <= 0:
             raise ValueError(f"blocksize={self.blocksize} must be a positive number of columns")
 
     def __call__(self, W: torch.Tensor, H: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, QuantParams]:
-        return optq(W, H, grid, self.percdamp, self.blocksize, self.actorder, self.static_groups, self.group_grid)
+        return optq(W, H, grid, self.percdamp, self.blocksize, self.actorder, self.static_groups, self.group_grid,
+                    self.backend)

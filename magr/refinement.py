@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .cbuild import BACKENDS
 from .quantizers import Grid, QuantParams, quantize
 from .settings import check_choice, setting
 
 log = logging.getLogger(__name__)
 
 GRIDS = ("keep", "refit")
-BACKENDS = ("auto", "compiled", "torch")
 
 
 def cd_covariance(H: torch.Tensor, damp: float, eps: float) -> torch.Tensor:
@@ -138,27 +138,14 @@ def cd_refine_compiled(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params
     return Q, params
 
 
-_warned: set[str] = set()
-
-
 def refine_function(backend: str, device: torch.device):
     """:func:`cd_refine_compiled` or :func:`cd_refine` for ``backend`` ("auto": compiled when it can run here,
     else the pure-torch loop with a logged warning; "compiled": an error naming the reason instead)."""
-    from .cd_sweep import Unavailable, compiled_sweep
+    from .cbuild import choose
+    from .cd_sweep import compiled_sweep
 
-    check_choice("cd_backend", backend, BACKENDS)
-    if backend == "torch":
-        return cd_refine
-    try:
-        compiled_sweep(torch.device(device))
-        return cd_refine_compiled
-    except Unavailable as e:
-        if backend == "compiled":
-            raise RuntimeError(f"cd_backend='compiled' cannot run on {device}: {e}; use cd_backend=torch") from e
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            log.warning("compiled coordinate descent unavailable (%s); using the pure-torch loop", e)
-        return cd_refine
+    return choose("cd_backend", backend, device, compiled_sweep, cd_refine_compiled, cd_refine,
+                  "coordinate descent", log)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,34 @@ def stories_tokenizer(_stories260k_cached):
     return _stories260k_cached[1]
 
 
+@pytest.fixture(scope="session")
+def stories_layers(_stories260k_cached):
+    """(W, H) of every linear layer of stories260K, H from 8 x 64 TinyStories tokens (as the pipeline)."""
+    from magr.calibration_data import get_calibration
+    from magr.cd_check import layer_problems
+
+    model, tok = _stories260k_cached
+    layers = layer_problems(model, get_calibration("tinystories", tok, nsamples=8, seqlen=64, seed=0))
+    assert len(layers) == 35
+    return [(W, H) for _, W, H in layers]
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """No C compiler (CC names a missing program) and an empty kernel cache: the compiled kernels are
+    unavailable until the test ends."""
+    from magr import cd_sweep, optq_block
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MAGR_CACHE_DIR", str(tmp_path))
+    loaded = (cd_sweep._library, optq_block._library)
+    for library in loaded:
+        library.cache_clear()
+    yield
+    for library in loaded:
+        library.cache_clear()
+
+
 def load_benchmark(name: str, monkeypatch):
     """The module benchmarks/<name>.py (registered in sys.modules for the test, as dataclasses need)."""
     import importlib.util
@@ -72,6 +100,7 @@ def load_benchmark(name: str, monkeypatch):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when the script runs: it may import its neighbours
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)

@@ -53,18 +53,6 @@ def test_compiled_equals_torch_loop_on_random_layers(bits, group_size, refit_gri
     assert differing <= 3 * 48  # ties are rare: at most one row's worth per layer
 
 
-@pytest.fixture(scope="module")
-def stories_layers(_stories260k_cached):
-    """(W, H) of every linear layer of stories260K, H from 8 x 64 TinyStories tokens (as the pipeline)."""
-    from magr.cd_check import layer_problems
-    from magr.calibration_data import get_calibration
-
-    model, tok = _stories260k_cached
-    layers = layer_problems(model, get_calibration("tinystories", tok, nsamples=8, seqlen=64, seed=0))
-    assert len(layers) == 35
-    return [(W, H) for _, W, H in layers]
-
-
 @pytest.mark.parametrize("group_size", [None, 4])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_compiled_equals_torch_loop_on_every_stories260k_layer(stories_layers, bits, group_size):
@@ -206,22 +194,16 @@ def test_pipeline_stores_the_refined_grids(stories260k):
         assert torch.equal(codes(Q, params).float(), assert_on_grid(Q, params))
 
 
-def test_fallback_without_a_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("MAGR_CACHE_DIR", str(tmp_path))
-    cd_sweep._library.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="cd_backend='compiled' cannot run"):
-            refine_function("compiled", torch.device("cpu"))
-        with caplog.at_level(logging.WARNING, logger="magr.refinement"):
-            assert refine_function("auto", torch.device("cpu")) is cd_refine
-        assert "using the pure-torch loop" in caplog.text
-        W, H = correlated_layer(2, out=8, n=16)
-        Q0, p, grid = start(W, H, 2, None)
-        Q, _ = CD(passes=2)(Q0, W, H, p, grid)  # runs, on the torch loop
-        torch.testing.assert_close(Q, cd_refine(Q0, W, H, p, 2, DAMP, EPS)[0], rtol=0, atol=0)
-    finally:
-        cd_sweep._library.cache_clear()
+def test_fallback_without_a_compiler(no_compiler, caplog):
+    with pytest.raises(RuntimeError, match="cd_backend='compiled' cannot run"):
+        refine_function("compiled", torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="magr.refinement"):
+        assert refine_function("auto", torch.device("cpu")) is cd_refine
+    assert "using the pure-torch loop" in caplog.text
+    W, H = correlated_layer(2, out=8, n=16)
+    Q0, p, grid = start(W, H, 2, None)
+    Q, _ = CD(passes=2)(Q0, W, H, p, grid)  # runs, on the torch loop
+    torch.testing.assert_close(Q, cd_refine(Q0, W, H, p, 2, DAMP, EPS)[0], rtol=0, atol=0)
 
 
 def test_kernel_builds_into_a_fresh_cache_and_is_reused(monkeypatch, tmp_path):

@@ -15,36 +15,10 @@ the grid formula of magr.quantizers.Grid.row_params (float32, beta applied again
 
 Compiled with -ffp-contract=off and without -ffast-math: every float operation is the IEEE one written here.
 */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Grid.row_params of one row's group v[0..g-1]: scale and zero in float32. */
-static void fit_grid(const float *v, int64_t g, float beta, float maxq, int64_t sym, float *scale, float *zero) {
-    float xmin = 0.0f, xmax = 0.0f; /* min(min v, 0), max(max v, 0) */
-    for (int64_t k = 0; k < g; k++) {
-        if (v[k] < xmin) xmin = v[k];
-        if (v[k] > xmax) xmax = v[k];
-    }
-    if (sym) {
-        xmax = fmaxf(-xmin, xmax);
-        if (xmin < 0.0f) xmin = -xmax;
-    }
-    if (xmin == 0.0f && xmax == 0.0f) {
-        xmin = -1.0f;
-        xmax = 1.0f;
-    }
-    float s = (beta * (xmax - xmin)) / maxq;
-    *scale = s;
-    *zero = sym ? (maxq + 1.0f) / 2.0f : nearbyintf(-xmin / s);
-}
-
-/* magr.quantizers.quantize of one value. */
-static inline float nearest(float u, float s, float z, float maxq) {
-    float q = nearbyintf(u / s) + z;
-    q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
-    return s * (q - z);
-}
+#include "grid.h"
 
 /* passes over rows [0, rows) of Q (rows x n, float32, in/out) with targets T (rows x n, double, in/out),
    N (n x n, float32, zero diagonal), grids scale/zero (rows x n_groups, in/out), g_idx (n: column -> group).
