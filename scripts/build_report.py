@@ -39,6 +39,9 @@ SECTIONS = [
 ]
 # Committed results measured outside the pipeline (too slow for the default profile); shown when present.
 EXTRA_SECTIONS = [
+    ("Table 2 with more calibration tokens (outside the pipeline)", "calibration_size.md", [],
+     "Why OPTQ trails RTN in the default's Table 2: the same cells with more calibration windows "
+     "(benchmarks/calibration_size.py; its command and settings are in the section)."),
     ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
      "Every item of the four sets, measured with benchmarks/zeroshot_cells.py and merged by "
      "benchmarks/zeroshot_table.py (settings above; the JSON files are in reports/zeroshot_full/)."),

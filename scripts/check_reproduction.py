@@ -34,6 +34,9 @@ def committed_values(rev: str) -> dict:
 
 def run(cmd: list[str], threads: int | None) -> None:
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # this venv's dvc
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # as the Makefile: local files
+        env.setdefault(name, "1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     print("$", " ".join(cmd), flush=True)

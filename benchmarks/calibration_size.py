@@ -1,0 +1,122 @@
+"""Why the CPU default's Table 2 orders OPTQ behind RTN: the same cells with more calibration tokens.
+
+Takes the default profile (params.yaml: calibration, evaluation, common quant settings and the cells) and reruns
+chosen cells with ``nsamples`` windows (and optionally MagR's X = every window, ``feature_source: all``), once
+per seed, on the same evaluation windows; writes OUT.json and OUT.md with the perplexity per seed, beside the
+default's own values read from runs/cells (when the pipeline has run).
+
+    python benchmarks/calibration_size.py --cells w4-optq w3-optq w3-magr-optq --nsamples 32 --seeds 0 1 \
+        --extra w3-magr-rtn:feature_source=all --out reports/calibration_size
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from magr.calibration_data import Calibration
+from magr.cells import load_cells
+from magr.evaluation import Evaluation
+from magr.methods import QuantConfig
+from magr.persistence import write_json
+from magr.runs import quantize_cell
+from magr.tables import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cell_settings(params: dict, name: str, overrides: dict) -> dict:
+    """The settings of cell ``name`` as the pipeline passes them: the common ``quant`` keys, then the cell's."""
+    cell = {k: v for k, v in params["cells"][name].items() if k != "save"}
+    return {**params.get("quant", {}), **cell, **overrides}
+
+
+def parse_extra(text: str) -> tuple[str, dict]:
+    """'w3-magr-rtn:feature_source=all' -> ('w3-magr-rtn', {'feature_source': 'all'})."""
+    name, _, rest = text.partition(":")
+    pairs = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, {k: yaml.safe_load(v) for k, v in pairs.items()}
+
+
+def default_values(results_dir: Path, names) -> dict:
+    """{cell: {set: [ppl per seed]}} of the pipeline's own runs (runs/cells), when they exist."""
+    if not results_dir.is_dir():
+        return {}
+    out = {}
+    for cell in load_cells(results_dir):
+        if cell["name"] in names:
+            out[cell["name"]] = {s: [r["ppl"][s]["ppl"] for r in cell["runs"]] for s in cell["runs"][0]["ppl"]}
+    return out
+
+
+def summary(values) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.2f} [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else f"{mean:.2f}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--cells", nargs="*", default=["w4-optq", "w3-optq", "w3-magr-optq"])
+    ap.add_argument("--extra", nargs="*", default=[], help="cell:key=value,... (settings that differ from the cell's)")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "cells"), help="the pipeline's cells, for the default column")
+    ap.add_argument("--work", default="/tmp/magr_calibration_size")
+    ap.add_argument("--out", default=str(ROOT / "reports" / "calibration_size"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    params = yaml.safe_load(Path(args.params).read_text())
+    todo = [(n, {}) for n in args.cells] + [parse_extra(e) for e in args.extra]
+    for name, _ in todo:
+        if name not in params["cells"]:
+            raise SystemExit(f"cell {name!r} is not in {args.params} (cells: {', '.join(params['cells'])})")
+    base = Calibration(**params["calibration"])
+    cal = Calibration(**{**params["calibration"], "nsamples": args.nsamples})
+    ev = Evaluation(**params["evaluation"])
+    defaults = default_values(Path(args.runs), {n for n, _ in todo})
+    rows, raw = [], []
+    for name, overrides in todo:
+        quant = QuantConfig.build(**cell_settings(params, name, overrides))
+        tag = name + "".join(f"-{k}-{v}" for k, v in overrides.items())
+        t0 = time.perf_counter()
+        runs = quantize_cell(params["model"], Path(args.work) / f"{tag}-n{args.nsamples}", quant, args.seeds, cal, ev,
+                             device=params.get("device"))
+        seconds = time.perf_counter() - t0
+        ppl = {s: [r["ppl"][s]["ppl"] for r in runs] for s in ev.eval_sets}
+        raw.append({"cell": name, "overrides": overrides, "label": quant.label, "nsamples": args.nsamples,
+                    "seeds": args.seeds, "ppl": ppl, "seconds": seconds, "default_ppl": defaults.get(name)})
+        for s in ev.eval_sets:
+            row = {"cell": name, "changed": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-",
+                   "method": quant.label, "set": s}
+            if name in defaults:
+                row[f"default: {base.nsamples} x {base.seqlen}"] = summary(defaults[name][s])
+            row[f"{args.nsamples} x {cal.seqlen}, seeds {' '.join(map(str, args.seeds))}"] = summary(ppl[s])
+            rows.append(row)
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    head = (f"# Calibration size: the default's cells with {args.nsamples} x {cal.seqlen} calibration tokens\n\n"
+            f"`python benchmarks/calibration_size.py --cells {' '.join(args.cells)} --nsamples {args.nsamples} "
+            f"--seeds {' '.join(map(str, args.seeds))}"
+            + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`\n\n"
+            f"Every other setting as in {Path(args.params).name} (profile {params.get('profile')}): the same "
+            f"{ev.max_windows or 'all'} evaluation windows of {ev.eval_seqlen} tokens per set; values: mean over the "
+            f"seeds [min, max]. {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads. RTN reads no calibration data: "
+            + ", ".join(f"{n} {summary(v[s])} ({s})" for n, v in default_values(Path(args.runs), {"w3-rtn", "w4-rtn"}).items()
+                        for s in v) + ".\n\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out).with_suffix(".json"), {"runs": raw})
+    Path(args.out).with_suffix(".md").write_text(head + markdown_table(table) + "\n")
+    print(head + markdown_table(table))
+
+
+if __name__ == "__main__":
+    main()
