@@ -11,6 +11,7 @@ default's own values read from runs/cells (when the pipeline has run).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import statistics
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "cells"), help="the pipeline's cells, for the default column")
     ap.add_argument("--work", default="/tmp/magr_calibration_size")
     ap.add_argument("--out", default=str(ROOT / "reports" / "calibration_size"))
+    ap.add_argument("--from-json", action="store_true", help="only render OUT.md from an earlier OUT.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     params = yaml.safe_load(Path(args.params).read_text())
@@ -81,42 +83,61 @@ def main(argv=None) -> None:
     cal = Calibration(**{**params["calibration"], "nsamples": args.nsamples})
     ev = Evaluation(**params["evaluation"])
     defaults = default_values(Path(args.runs), {n for n, _ in todo})
-    rows, raw = [], []
-    for name, overrides in todo:
-        quant = QuantConfig.build(**cell_settings(params, name, overrides))
-        tag = name + "".join(f"-{k}-{v}" for k, v in overrides.items())
-        t0 = time.perf_counter()
-        runs = quantize_cell(params["model"], Path(args.work) / f"{tag}-n{args.nsamples}", quant, args.seeds, cal, ev,
-                             device=params.get("device"))
-        seconds = time.perf_counter() - t0
-        ppl = {s: [r["ppl"][s]["ppl"] for r in runs] for s in ev.eval_sets}
-        raw.append({"cell": name, "overrides": overrides, "label": quant.label, "nsamples": args.nsamples,
-                    "seeds": args.seeds, "ppl": ppl, "seconds": seconds, "default_ppl": defaults.get(name)})
-        for s in ev.eval_sets:
-            row = {"cell": name, "changed": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-",
-                   "method": quant.label, "set": s}
-            if name in defaults:
-                row[f"default: {base.nsamples} x {base.seqlen}"] = summary(defaults[name][s])
-            row[f"{args.nsamples} x {cal.seqlen}, seeds {' '.join(map(str, args.seeds))}"] = summary(ppl[s])
-            rows.append(row)
-    import pandas as pd
-
-    table = pd.DataFrame(rows)
-    head = (f"# Calibration size: the default's cells with {args.nsamples} x {cal.seqlen} calibration tokens\n\n"
+    if args.from_json:
+        raw = json.loads(Path(args.out).with_suffix(".json").read_text())["runs"]
+    else:
+        raw = [measure(params, name, overrides, cal, ev, args, defaults.get(name)) for name, overrides in todo]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out).with_suffix(".json"), {"runs": raw, "machine": platform.processor()
+                                                         or platform.machine(), "threads": torch.get_num_threads(),
+                                                         "torch": torch.__version__})
+    rtn = {int(n[1]): v for n, v in default_values(Path(args.runs), {"w4-rtn", "w3-rtn"}).items()}
+    table = render(raw, rtn, base, cal, ev)
+    head = (f"# The default's cells rerun with {args.nsamples} x {cal.seqlen} calibration tokens and the settings in "
+            f"'changed'\n\n"
             f"`python benchmarks/calibration_size.py --cells {' '.join(args.cells)} --nsamples {args.nsamples} "
             f"--seeds {' '.join(map(str, args.seeds))}"
             + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`\n\n"
             f"Every other setting as in {Path(args.params).name} (profile {params.get('profile')}): the same "
             f"{ev.max_windows or 'all'} evaluation windows of {ev.eval_seqlen} tokens per set; values: mean over the "
-            f"seeds [min, max]. {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads. RTN reads no calibration data: "
-            + ", ".join(f"{n} {summary(v[s])} ({s})" for n, v in default_values(Path(args.runs), {"w3-rtn", "w4-rtn"}).items()
-                        for s in v) + ".\n\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out).with_suffix(".json"), {"runs": raw})
+            f"seeds [min, max]; 'below RTN' compares every seed with the calibration-free RTN cell of the same bits "
+            f"(RTN: " + ", ".join(f"W{b} {v[s][0]:.2f} ({s})" for b, v in sorted(rtn.items()) for s in v) + ").\n\n")
     Path(args.out).with_suffix(".md").write_text(head + markdown_table(table) + "\n")
     print(head + markdown_table(table))
 
+
+def measure(params, name, overrides, cal, ev, args, default) -> dict:
+    """Cell ``name`` with ``overrides`` and calibration ``cal``, once per seed: its perplexities and seconds."""
+    quant = QuantConfig.build(**cell_settings(params, name, overrides))
+    tag = name + "".join(f"-{k}-{v}" for k, v in overrides.items())
+    t0 = time.perf_counter()
+    runs = quantize_cell(params["model"], Path(args.work) / f"{tag}-n{cal.nsamples}", quant, args.seeds, cal, ev,
+                         device=params.get("device"))
+    return {"cell": name, "overrides": overrides, "label": quant.label, "bits": quant.grid.bits,
+            "nsamples": cal.nsamples, "seeds": args.seeds, "ppl": {s: [r["ppl"][s]["ppl"] for r in runs]
+                                                                   for s in ev.eval_sets},
+            "seconds": time.perf_counter() - t0, "default_ppl": default}
+
+
+def render(raw, rtn, base, cal, ev):
+    """One row per (cell, set): the default's values, the larger calibration's, and whether each seed is below RTN."""
+    import pandas as pd
+
+    rows = []
+    for r in raw:
+        for s in ev.eval_sets:
+            row = {"cell": r["cell"], "changed": ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
+                   "method": r["label"], "set": s}
+            ref = rtn.get(r.get("bits") or int(r["cell"][1]), {}).get(s, [None])[0]  # cells are named w<bits>-...
+            if r.get("default_ppl"):
+                d = r["default_ppl"][s]
+                row[f"default: {base.nsamples} x {base.seqlen}"] = summary(d)
+                row["below RTN (default)"] = f"{sum(v < ref for v in d)} of {len(d)}" if ref else "-"
+            row[f"{r['nsamples']} x {cal.seqlen}"] = summary(r["ppl"][s])
+            row[f"below RTN ({r['nsamples']} x {cal.seqlen})"] = (f"{sum(v < ref for v in r['ppl'][s])} of "
+                                                                  f"{len(r['ppl'][s])}" if ref else "-")
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 if __name__ == "__main__":
     main()

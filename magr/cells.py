@@ -1,13 +1,15 @@
 """Pipeline cells: one method at one setting, quantized once per calibration seed.
 
 A cell folder holds one run folder per seed, ``seed-<s>/`` (:func:`magr.runs.quantize_cell`), or is itself a run
-folder. A cell's perplexity on a set is reported as the mean over its seeds with the seed range
-[min, max] as its uncertainty; a method that reads no calibration data (RTN) has one run, exact for every
-seed. Orderings between methods are checked seed by seed: runs with the same seed share their calibration
-windows, so "A < B" holds for a cell pair when it holds for every common seed.
+folder. A cell's perplexity on a set is reported as the mean over its seeds with the seed range [min, max]
+and the rerun interval (:func:`rerun_interval`, what the reproduction check uses); a method that reads no
+calibration data (RTN) has one run, exact for every seed. Orderings between methods are checked seed by seed
+(runs with the same seed share their calibration windows) and stated only when they hold in every seed and a
+rerun's paired mean log ratio stays above 0 (:func:`ordering_table`).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,10 +20,37 @@ import pandas as pd
 from .persistence import RUN_FILE, read_run
 
 
+# Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def rerun_half_width(logs: Sequence[float]) -> float:
+    """Half-width of the 95 % prediction interval of a rerun's mean of n values on the log scale:
+    t_{0.975, n-1} s sqrt(2 / n) (s: the sample standard deviation of the n values; the rerun's n values are
+    new draws: other float-sum orders perturb a cell as much as other calibration windows do)."""
+    n = len(logs)
+    return t975(n - 1) * float(np.std(logs, ddof=1)) * math.sqrt(2 / n) if n > 1 else 0.0
+
+
+def rerun_interval(values: Sequence[float]) -> tuple[float, float]:
+    """[low, high] where a rerun's mean perplexity over the same number of seeds lies with 95 % probability:
+    exp(mean log ppl +- :func:`rerun_half_width`), centred on the geometric mean (perplexity is exp of a mean
+    log-likelihood, so its seed-to-seed changes are relative)."""
+    logs = np.log(np.asarray(values, dtype=float))
+    h = rerun_half_width(logs)
+    return float(np.exp(logs.mean() - h)), float(np.exp(logs.mean() + h))
+
+
 def spread(values: Sequence[float]) -> dict:
-    """{"ppl": mean, "min", "max", "values"} of one cell's values over its seeds."""
+    """{"ppl": mean, "min", "max", "low", "high" (:func:`rerun_interval`), "values"} over a cell's seeds."""
     v = [float(x) for x in values]
-    return {"ppl": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
+    low, high = rerun_interval(v)
+    return {"ppl": float(np.mean(v)), "min": min(v), "max": max(v), "low": low, "high": high, "values": v}
 
 
 def _seed_dirs(folder: Path) -> list[Path]:
@@ -57,27 +86,43 @@ def per_seed(cell: Mapping, eval_set: str) -> dict[int, float]:
     return values if cell["config"].get("uses_calibration", True) else {None: next(iter(values.values()))}
 
 
-def holds(better: Mapping, worse: Mapping, eval_set: str) -> tuple[int, int]:
-    """(seeds where ``better`` has the lower perplexity, seeds compared), pairing runs by calibration seed."""
+def _pairs(better: Mapping, worse: Mapping, eval_set: str) -> list[tuple[float, float]]:
+    """(better's, worse's) perplexity per common calibration seed (a calibration-free cell's one value pairs with
+    every seed of the other)."""
     b, w = per_seed(better, eval_set), per_seed(worse, eval_set)
     seeds = sorted(set(b) & set(w)) if None not in b and None not in w else list(b if None in w else w)
-    pairs = [(b.get(s, b.get(None)), w.get(s, w.get(None))) for s in seeds]
+    return [(b.get(s, b.get(None)), w.get(s, w.get(None))) for s in seeds]
+
+
+def holds(better: Mapping, worse: Mapping, eval_set: str) -> tuple[int, int]:
+    """(seeds where ``better`` has the lower perplexity, seeds compared), pairing runs by calibration seed."""
+    pairs = _pairs(better, worse, eval_set)
     return sum(x < y for x, y in pairs), len(pairs)
 
 
-def ordering_table(cells: Sequence[Mapping], chains: Sequence[Sequence[str]], settings: Sequence[str],
+def rerun_margin(better: Mapping, worse: Mapping, eval_set: str) -> tuple[float, float]:
+    """(mean over seeds of log(worse / better), its rerun lower bound: mean - :func:`rerun_half_width`)."""
+    d = [math.log(y / x) for x, y in _pairs(better, worse, eval_set)]
+    return float(np.mean(d)), float(np.mean(d) - rerun_half_width(d))
+
+
+def ordering_table(cells: Sequence[Mapping], pairs: Sequence[tuple[str, str]], settings: Sequence[str],
                    eval_sets: Sequence[str], label_of) -> pd.DataFrame:
-    """For each setting, set and chain of methods (best first, e.g. MagR+OPTQ, OPTQ, RTN), how many seeds show
-    every adjacent pair in that order; ``label_of(cell)`` gives (setting, method)."""
+    """For each setting, set and pair of methods (better first, e.g. MagR+OPTQ, OPTQ): the seeds where it
+    holds, the mean log perplexity ratio over the seeds and its rerun lower bound, and "stated": the ordering
+    holds in every seed and the lower bound is above 0 (a rerun with other float-sum orders keeps it with 95 %
+    probability). ``label_of(cell)`` gives (setting, method)."""
     by_key = {label_of(c): c for c in cells}
     rows = []
     for setting in settings:
-        for chain in chains:
-            if not all((setting, m) in by_key for m in chain):
+        for a, b in pairs:
+            if (setting, a) not in by_key or (setting, b) not in by_key:
                 continue
             for s in eval_sets:
-                counts = [holds(by_key[(setting, a)], by_key[(setting, b)], s) for a, b in zip(chain, chain[1:])]
-                rows.append({"setting": setting, "ordering": " < ".join(chain), "set": s,
-                             "seeds where it holds": " / ".join(f"{k} of {n}" for k, n in counts),
-                             "holds in every seed": all(k == n for k, n in counts)})
+                better, worse = by_key[(setting, a)], by_key[(setting, b)]
+                k, n = holds(better, worse, s)
+                mean, lower = rerun_margin(better, worse, s)
+                rows.append({"setting": setting, "ordering": f"{a} < {b}", "set": s,
+                             "seeds where it holds": f"{k} of {n}", "holds in every seed": k == n,
+                             "mean log ratio": mean, "rerun lower bound": lower, "stated": k == n and lower > 0})
     return pd.DataFrame(rows)

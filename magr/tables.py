@@ -59,7 +59,8 @@ def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None)
             raise ValueError(f"cell {cell.get('name')!r} has no perplexities; run it with --eval-sets")
         row = {**_cell_keys(cell), "seeds": len(cell["runs"]) if cell["config"]["uses_calibration"] else 0}
         for k, v in cell["ppl"].items():
-            row.update({k: v["ppl"], f"{k} min": v["min"], f"{k} max": v["max"]})
+            row.update({k: v["ppl"], f"{k} min": v["min"], f"{k} max": v["max"], f"{k} low": v["low"],
+                        f"{k} high": v["high"]})
         rows.append(row)
     out = _sorted(pd.DataFrame(rows))
     for col in ("bits", "CD passes", "seeds"):
@@ -69,19 +70,24 @@ def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None)
 
 def with_ranges(table: pd.DataFrame, eval_sets: Sequence[str], fmt: str = ".2f") -> pd.DataFrame:
     """The table for reading: each set's column as "mean [min, max]" over the seeds (one value where the
-    cell has one run), the min/max columns dropped; seeds 0 reads "calibration-free"."""
+    cell has one run) and a column "<set> rerun" with the rerun interval "low-high"; the numeric columns
+    dropped; seeds 0 reads "calibration-free"."""
+    def f(x):
+        return f"{x:.3g}" if abs(x) >= 1e4 else format(x, fmt)
+
     def text(mean, lo, hi):
-        def f(x):
-            return f"{x:.3g}" if abs(x) >= 1e4 else format(x, fmt)
         if pd.isna(mean):
             return "-"
         return f(mean) if pd.isna(lo) or lo == hi else f"{f(mean)} [{f(lo)}, {f(hi)}]"
 
     out = table.copy()
+    nan = pd.Series([np.nan] * len(out), index=out.index)
     for s in eval_sets:
-        lo, hi = (out.get(f"{s} {k}", pd.Series([np.nan] * len(out))) for k in ("min", "max"))
+        lo, hi, low, high = (out.get(f"{s} {k}", nan) for k in ("min", "max", "low", "high"))
         out[s] = [text(m, a, b) for m, a, b in zip(out[s], lo, hi)]
-        out = out.drop(columns=[c for c in (f"{s} min", f"{s} max") if c in out])
+        out.insert(out.columns.get_loc(s) + 1, f"{s} rerun", ["-" if pd.isna(a) or a == b else f"{f(a)}-{f(b)}"
+                                                             for a, b in zip(low, high)])
+        out = out.drop(columns=[c for c in (f"{s} min", f"{s} max", f"{s} low", f"{s} high") if c in out])
     out["seeds"] = ["-" if pd.isna(n) else ("calibration-free" if n == 0 else str(n)) for n in out["seeds"]]
     return out
 

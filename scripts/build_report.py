@@ -29,7 +29,8 @@ SECTIONS = [
      "One DVC stage per cell (`quantize@<cell>`); the paper's columns are LLaMA-2 (notebook: table2_perplexity)."),
     ("Table 2: orderings, seed by seed", "table2_orderings.md", [],
      "Runs with the same seed share their calibration windows, so each ordering is checked seed by seed; the report "
-     "states an ordering only where it holds in every seed (notebook: table2_perplexity)."),
+     "states an ordering only where it holds in every seed and its rerun lower bound (the mean log perplexity ratio "
+     "minus the half-width of its 95 % rerun prediction interval) is above 0 (notebook: table2_perplexity)."),
     ("Table 3: zero-shot accuracy", "table3_zeroshot.md", ["table3_zeroshot.png"],
      "lm-evaluation-harness on the local copies of the four sets (notebook: table3_zeroshot)."),
     ("Table 3: differences between models", "table3_differences.md", [],
@@ -42,6 +43,10 @@ EXTRA_SECTIONS = [
     ("Table 2 with more calibration tokens (outside the pipeline)", "calibration_size.md", [],
      "Why OPTQ trails RTN in the default's Table 2: the same cells with more calibration windows "
      "(benchmarks/calibration_size.py; its command and settings are in the section)."),
+    ("MagR+RTN at W3: which setting costs it (outside the pipeline)", "magr_rtn_settings.md", [],
+     "Why MagR+RTN trails RTN in the default's Table 2: RTN with MagR+RTN's clipping (beta 0.9 at 3 bits, the "
+     "released convention), MagR+RTN without it, and MagR+RTN with 48 FISTA iterations (the objective of the "
+     "released 200 ISTA iterations) instead of 14; one seed each (benchmarks/calibration_size.py)."),
     ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
      "Every item of the four sets, measured with benchmarks/zeroshot_cells.py and merged by "
      "benchmarks/zeroshot_table.py (settings above; the JSON files are in reports/zeroshot_full/)."),
@@ -53,14 +58,19 @@ How uncertain each number is (magr.reproduction; `python scripts/check_reproduct
 against these rules and prints a verdict per value):
 
 - perplexity of a cell that reads calibration data: the mean over the calibration seeds of `spread.seeds`, shown
-  with the seed range [min, max]; a rerun (another machine, another thread count) must give a mean inside it;
+  with the seed range [min, max] and the rerun interval (column "<set> rerun"): the 95 % prediction interval of a
+  rerun's mean over as many seeds, exp(mean log ppl +- t(0.975, n-1) s sqrt(2/n)), s the standard deviation of
+  log ppl over the seeds. A rerun (another machine, another thread count) must give a mean inside it: float-sum
+  order perturbs a cell about as much as another calibration draw does, so a rerun's seeds count as new draws.
+  The seed range alone is not that statement (threads 1 vs 2 moved 3 of the 10 means outside it);
 - perplexity of the float model and of RTN (which reads no calibration data): one computation, exact up to the
   order of float sums; stated uncertainty 0.1 % relative;
 - zero-shot accuracy: ± lm-eval's standard error over the items (the same items for every model); a difference
   between two models is claimed only where it exceeds twice the standard error of the difference;
 - Table 1 fraction ranks: ± 1 percentage point (a singular value at the 1 % threshold may cross it);
   Figure 1 row maxima: 0.1 % relative; wall times (Table 4) belong to the machine and are not checked;
-- orderings of methods (Table 2) are checked seed by seed and stated only where they hold in every seed."""
+- orderings of methods (Table 2) are checked seed by seed and stated only where they hold in every seed and the
+  paired mean log ratio stays above 0 in a rerun with 95 % probability (`magr.cells.ordering_table`)."""
 
 FAITHFULNESS = """\
 Conventions of the released code (shared/docs/method-notes.md) and where this run follows them:

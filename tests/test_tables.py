@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from magr import tables
-from magr.cells import load_cells, ordering_table
+from magr.cells import load_cells, ordering_table, rerun_interval
 from magr.methods import QuantConfig
 from magr.persistence import write_run
 
@@ -68,10 +68,28 @@ def test_seeds_give_means_ranges_and_seed_by_seed_orderings(tmp_path):
     assert table.loc["OPTQ", "seeds"] == 3 and table.loc["RTN", "seeds"] == 0
     shown = tables.with_ranges(tables.perplexity_table(cells), ["wikitext2"]).set_index("method")
     assert shown.loc["OPTQ", "wikitext2"] == "11.00 [10.00, 12.00]" and shown.loc["RTN", "wikitext2"] == "50.00"
-    assert shown.loc["RTN", "seeds"] == "calibration-free"
-    orders = ordering_table(cells, [("MagR+OPTQ", "OPTQ", "RTN")], ["W3"], ["wikitext2", "c4"], tables.cell_key)
-    row = orders.set_index("set").loc["wikitext2"]
-    assert row["seeds where it holds"] == "2 of 3 / 3 of 3" and not row["holds in every seed"]
+    assert shown.loc["RTN", "seeds"] == "calibration-free" and shown.loc["RTN", "wikitext2 rerun"] == "-"
+    low, high = rerun_interval([10.0, 12.0, 11.0])
+    assert shown.loc["OPTQ", "wikitext2 rerun"] == f"{low:.2f}-{high:.2f}" and low < 10.0 and high > 12.0
+    pairs = [("MagR+OPTQ", "OPTQ"), ("OPTQ", "RTN"), ("MagR+OPTQ", "RTN")]
+    orders = ordering_table(cells, pairs, ["W3"], ["wikitext2", "c4"], tables.cell_key)
+    rows = orders[orders["set"] == "wikitext2"].set_index("ordering")
+    assert rows.loc["MagR+OPTQ < OPTQ", "seeds where it holds"] == "2 of 3"  # seed 1: 13 > 12
+    assert not rows.loc["MagR+OPTQ < OPTQ", "stated"]
+    assert rows.loc["OPTQ < RTN", "holds in every seed"] and rows.loc["OPTQ < RTN", "stated"]  # 10-12 vs 50
+
+
+def test_rerun_interval_is_the_t_prediction_interval_on_the_log_scale():
+    """n = 3 values: exp(mean log +- t(0.975, 2) s sqrt(2/3)), t = 4.303; one value: no width; wider with spread."""
+    import math
+    import statistics
+
+    logs = [math.log(v) for v in (100.0, 120.0, 90.0)]
+    half = 4.303 * statistics.stdev(logs) * math.sqrt(2 / 3)
+    low, high = rerun_interval([100.0, 120.0, 90.0])
+    assert (math.log(low), math.log(high)) == pytest.approx((statistics.fmean(logs) - half, statistics.fmean(logs) + half))
+    assert rerun_interval([5.0]) == pytest.approx((5.0, 5.0))
+    assert rerun_interval([100.0, 101.0, 99.0])[1] < high
 
 
 def test_zeroshot_standard_errors_and_differences():
@@ -116,3 +134,22 @@ def test_write_table(tmp_path):
     csv, md = tables.write_table(pd.DataFrame({"a": [1.0]}), tmp_path / "sub" / "t", title="T", notes="n")
     assert csv.read_text().splitlines() == ["a", "1.0"]
     assert md.read_text() == "## T\n\n| a |\n|---:|\n| 1.00 |\n\nn\n"
+
+
+def test_reproduction_check_reads_the_rerun_interval_and_flags_a_value_outside(tmp_path):
+    """report_values takes a seed-averaged perplexity's stated uncertainty from its rerun interval; compare says
+    "within" for a fresh mean inside it and "OUTSIDE" for one beyond, and RTN gets the exact rule."""
+    from magr.reproduction import compare, report_values
+
+    for seed, ppl in enumerate([10.0, 12.0, 11.0]):
+        _write_cell(tmp_path / "cells" / "w3-optq", f"seed-{seed}", "optq", 3, None, ppl, seed=seed)
+    _write_cell(tmp_path / "cells" / "w3-rtn", "seed-0", "rtn", 3, None, 50.0)
+    table = tables.perplexity_table(load_cells(tmp_path / "cells"))
+    tables.write_table(table, tmp_path / "reports" / "table2_perplexity")
+    committed = report_values(tmp_path / "reports")
+    optq, rtn = committed["ppl W3 OPTQ wikitext2"], committed["ppl W3 RTN wikitext2"]
+    assert optq["rule"] == "rerun interval" and (optq["low"], optq["high"]) == pytest.approx(rerun_interval([10, 12, 11]))
+    assert rtn["rule"] == "exact" and rtn["high"] == pytest.approx(50.05)
+    fresh = {**committed, "ppl W3 OPTQ wikitext2": {**optq, "value": optq["high"] * 1.01}}
+    verdicts = compare(committed, fresh).set_index("value")["verdict"]
+    assert verdicts["ppl W3 OPTQ wikitext2"] == "OUTSIDE" and verdicts["ppl W3 RTN wikitext2"] == "within"
