@@ -26,8 +26,8 @@ from dataclasses import replace
 import torch
 from bench_cd import layer, timed  # benchmarks/ is on sys.path when a script here runs
 
-from magr.cd_check import codes
 from magr.optq import OPTQ, damped_inverse_cholesky
+from magr.optq_block import compare_results
 from magr.persistence import write_json
 from magr.quantizers import Grid, default_beta
 
@@ -75,12 +75,11 @@ def bench_layer(W, H, grid: Grid, step: OPTQ, repeats: int) -> dict:
             times[backend].append(t)
             loops[backend].append(spent[0])
     u = [timed(damped_inverse_cholesky, H.float(), step.percdamp)[1] for _ in range(repeats)]
-    (Qt, pt), (Qc, pc) = results["torch"], results["compiled"]
     med = statistics.median
+    same = compare_results(results["torch"], results["compiled"])
     row = {"torch_s": med(times["torch"]), "compiled_s": med(times["compiled"]), "inverse_cholesky_s": med(u),
            "torch_loop_s": med(loops["torch"]), "compiled_loop_s": med(loops["compiled"]),
-           "differing_codes": int((codes(Qt, pt) != codes(Qc, pc)).sum()),
-           "same_grids": bool(torch.equal(pt.scale, pc.scale) and torch.equal(pt.zero, pc.zero))}
+           "differing_codes": same["differing_codes"], "same_grids": same["same_grids"]}
     row["speedup"] = row["torch_s"] / row["compiled_s"]
     row["loop_speedup"] = row["torch_loop_s"] / max(row["compiled_loop_s"], 1e-9)
     return row

@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
@@ -45,15 +46,9 @@ def parse_extra(text: str) -> tuple[str, dict]:
     return name, {k: yaml.safe_load(v) for k, v in pairs.items()}
 
 
-def default_values(results_dir: Path, names) -> dict:
-    """{cell: {set: [ppl per seed]}} of the pipeline's own runs (runs/cells), when they exist."""
-    if not results_dir.is_dir():
-        return {}
-    out = {}
-    for cell in load_cells(results_dir):
-        if cell["name"] in names:
-            out[cell["name"]] = {s: [r["ppl"][s]["ppl"] for r in cell["runs"]] for s in cell["runs"][0]["ppl"]}
-    return out
+def pipeline_cells(results_dir: Path) -> dict:
+    """{name: cell} of the pipeline's own runs (runs/cells, :func:`magr.cells.load_cells`), when they exist."""
+    return {c["name"]: c for c in load_cells(results_dir)} if results_dir.is_dir() else {}
 
 
 def summary(values) -> str:
@@ -82,17 +77,18 @@ def main(argv=None) -> None:
     base = Calibration(**params["calibration"])
     cal = Calibration(**{**params["calibration"], "nsamples": args.nsamples})
     ev = Evaluation(**params["evaluation"])
-    defaults = default_values(Path(args.runs), {n for n, _ in todo})
     if args.from_json:
         raw = json.loads(Path(args.out).with_suffix(".json").read_text())["runs"]
     else:
-        raw = [measure(params, name, overrides, cal, ev, args, defaults.get(name)) for name, overrides in todo]
+        raw = [measure(params, name, overrides, cal, ev, args) for name, overrides in todo]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out).with_suffix(".json"), {"runs": raw, "machine": platform.processor()
                                                          or platform.machine(), "threads": torch.get_num_threads(),
                                                          "torch": torch.__version__})
-    rtn = {int(n[1]): v for n, v in default_values(Path(args.runs), {"w4-rtn", "w3-rtn"}).items()}
-    table = render(raw, rtn, base, cal, ev)
+    cells = pipeline_cells(Path(args.runs))
+    rtn = {c["config"]["grid"]["bits"]: {s: v["ppl"] for s, v in c["ppl"].items()} for c in cells.values()
+           if c["config"]["method"] == "rtn" and c["config"]["grid"]["group_size"] is None}
+    table = render(raw, params, cells, rtn, base, cal, ev)
     head = (f"# The default's cells rerun with {args.nsamples} x {cal.seqlen} calibration tokens and the settings in "
             f"'changed'\n\n"
             f"`python benchmarks/calibration_size.py --cells {' '.join(args.cells)} --nsamples {args.nsamples} "
@@ -101,41 +97,42 @@ def main(argv=None) -> None:
             f"Every other setting as in {Path(args.params).name} (profile {params.get('profile')}): the same "
             f"{ev.max_windows or 'all'} evaluation windows of {ev.eval_seqlen} tokens per set; values: mean over the "
             f"seeds [min, max]; 'below RTN' compares every seed with the calibration-free RTN cell of the same bits "
-            f"(RTN: " + ", ".join(f"W{b} {v[s][0]:.2f} ({s})" for b, v in sorted(rtn.items()) for s in v) + ").\n\n")
+            f"(RTN: " + ", ".join(f"W{b} {v[s]:.2f} ({s})" for b, v in sorted(rtn.items()) for s in v) + ").\n\n")
     Path(args.out).with_suffix(".md").write_text(head + markdown_table(table) + "\n")
     print(head + markdown_table(table))
 
 
-def measure(params, name, overrides, cal, ev, args, default) -> dict:
+def measure(params, name, overrides, cal, ev, args) -> dict:
     """Cell ``name`` with ``overrides`` and calibration ``cal``, once per seed: its perplexities and seconds."""
     quant = QuantConfig.build(**cell_settings(params, name, overrides))
     tag = name + "".join(f"-{k}-{v}" for k, v in overrides.items())
     t0 = time.perf_counter()
     runs = quantize_cell(params["model"], Path(args.work) / f"{tag}-n{cal.nsamples}", quant, args.seeds, cal, ev,
                          device=params.get("device"))
-    return {"cell": name, "overrides": overrides, "label": quant.label, "bits": quant.grid.bits,
-            "nsamples": cal.nsamples, "seeds": args.seeds, "ppl": {s: [r["ppl"][s]["ppl"] for r in runs]
-                                                                   for s in ev.eval_sets},
-            "seconds": time.perf_counter() - t0, "default_ppl": default}
+    return {"cell": name, "overrides": overrides, "label": quant.label, "nsamples": cal.nsamples,
+            "seeds": args.seeds, "ppl": {s: [r["ppl"][s]["ppl"] for r in runs] for s in ev.eval_sets},
+            "seconds": time.perf_counter() - t0}
 
 
-def render(raw, rtn, base, cal, ev):
-    """One row per (cell, set): the default's values, the larger calibration's, and whether each seed is below RTN."""
-    import pandas as pd
+def render(raw, params, cells, rtn, base, cal, ev) -> pd.DataFrame:
+    """One row per (cell, set): the pipeline's values of the cell (``cells``), the rerun's, and how many seeds
+    are below the calibration-free RTN cell of the same bits (``rtn``: bits -> {set: ppl})."""
+    def below(values, ref):
+        return f"{sum(v < ref for v in values)} of {len(values)}" if ref else "-"
 
     rows = []
     for r in raw:
+        bits = QuantConfig.build(**cell_settings(params, r["cell"], r["overrides"])).grid.bits
         for s in ev.eval_sets:
             row = {"cell": r["cell"], "changed": ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
                    "method": r["label"], "set": s}
-            ref = rtn.get(r.get("bits") or int(r["cell"][1]), {}).get(s, [None])[0]  # cells are named w<bits>-...
-            if r.get("default_ppl"):
-                d = r["default_ppl"][s]
-                row[f"default: {base.nsamples} x {base.seqlen}"] = summary(d)
-                row["below RTN (default)"] = f"{sum(v < ref for v in d)} of {len(d)}" if ref else "-"
+            ref = rtn.get(bits, {}).get(s)
+            if r["cell"] in cells:
+                default = cells[r["cell"]]["ppl"][s]["values"]
+                row[f"default: {base.nsamples} x {base.seqlen}"] = summary(default)
+                row["below RTN (default)"] = below(default, ref)
             row[f"{r['nsamples']} x {cal.seqlen}"] = summary(r["ppl"][s])
-            row[f"below RTN ({r['nsamples']} x {cal.seqlen})"] = (f"{sum(v < ref for v in r['ppl'][s])} of "
-                                                                  f"{len(r['ppl'][s])}" if ref else "-")
+            row[f"below RTN ({r['nsamples']} x {cal.seqlen})"] = below(r["ppl"][s], ref)
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from magr.data import Calibration
+from magr.calibration_data import Calibration
 from magr.evaluation import Evaluation
 from magr.export import FORMATS, Export, export_run, model_codes
 from magr.methods import QuantConfig

@@ -69,7 +69,7 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
             inps.append((args[0] if args else kwargs["hidden_states"]).detach())
         if per_layer[i] is None:
             per_layer[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "cache")}
-        if i == len(layers) - 1 or per_layer[-1] is not None:
+        if per_layer[-1] is not None:  # the last layer has its kwargs (set just above when i is the last)
             raise StopForward
 
     emb, rot = model.model.embed_tokens, getattr(model.model, "rotary_emb", None)
@@ -119,14 +119,17 @@ class BlockInputs:
 
     index: int
     block: nn.Module
-    inps: torch.Tensor
-    kwargs: dict
+    inps: torch.Tensor | None  # None: walked without calibration data
+    kwargs: dict | None
 
     @torch.no_grad()
     def stats(self, groups: Sequence[Sequence[str]], batch: int = FORWARD_BATCH) -> dict[str, LayerStats]:
         """Forward the inputs through the block and accumulate the statistics of the linear layers in
         ``groups`` (name tuples; the layers of a tuple share one input, so one accumulator, hooked on the
-        first). Each forward stops once the last group's input is captured. Returns name -> statistics."""
+        first). Each forward stops once the last group's input is captured. Returns name -> statistics
+        (None for every layer of a block walked without inputs)."""
+        if self.inps is None:
+            return {name: None for names in groups for name in names}
         stats: dict[str, LayerStats] = {}
         handles = []
         for k, names in enumerate(groups):
@@ -156,25 +159,26 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def walk_blocks(model: nn.Module, calib: torch.Tensor, device, last: int | None = None,
+def walk_blocks(model: nn.Module, calib: torch.Tensor | None, device, last: int | None = None,
                 forward_batch: int = FORWARD_BATCH) -> Iterator[BlockInputs]:
     """Yield each decoder block with its calibration inputs, in order; after the caller is done with a
     block (it may quantize it), the block's outputs become the next block's inputs. Stops after ``last``.
-    (Wrap it in tqdm for a progress bar: it yields ``last + 1`` blocks, all of them by default.)"""
-    if calib.dim() != 2 or calib.numel() == 0:
+    (Wrap it in tqdm for a progress bar: it yields ``last + 1`` blocks, all of them by default.) With
+    ``calib=None`` (methods that read no data) the blocks come without inputs and nothing is forwarded."""
+    if calib is not None and (calib.dim() != 2 or calib.numel() == 0):
         raise ValueError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {tuple(calib.shape)}")
     layers = checked_layers(model)
     n = len(layers) if last is None else last + 1
     if not 0 < n <= len(layers):
         raise ValueError(f"last block {last} out of range; the model has blocks 0..{len(layers) - 1}")
     device = torch.device(device)
-    inps, layer_kwargs = capture_block_inputs(model, calib, device)
+    inps, layer_kwargs = capture_block_inputs(model, calib, device) if calib is not None else (None, [None] * n)
     for i in range(n):
         block = layers[i]
         home = next(block.parameters()).device
         block.to(device)
         yield BlockInputs(i, block, inps, layer_kwargs[i])
-        if i + 1 < n:
+        if i + 1 < n and inps is not None:
             inps = block_forward(block, inps, layer_kwargs[i], batch=forward_batch)
         block.to(home)
         if device.type == "cuda":

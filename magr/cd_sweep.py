@@ -25,16 +25,10 @@ from functools import lru_cache
 import torch
 
 from .cbuild import CSRC, Unavailable, check_tensor, load, over_row_chunks
-from .cbuild import build as build_source
 
 SOURCE = CSRC / "cd_sweep.c"
 TILE = 8  # rows per tile: one row N[j, :] serves the tile's rows that changed at column j
-__all__ = ["Unavailable", "build", "compiled_sweep", "sweep_cpu"]
-
-
-def build(force: bool = False):
-    """Compile magr/csrc/cd_sweep.c into the cache folder (:func:`magr.cbuild.build`); return its path."""
-    return build_source(SOURCE, force)
+__all__ = ["Unavailable", "compiled_sweep", "sweep_cpu"]
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,7 @@ folder. A cell's perplexity on a set is reported as the mean over its seeds with
 and the rerun interval (:func:`rerun_interval`, what the reproduction check uses); a method that reads no
 calibration data (RTN) has one run, exact for every seed. Orderings between methods are checked seed by seed
 (runs with the same seed share their calibration windows) and stated only when they hold in every seed and a
-rerun's paired mean log ratio stays above 0 (:func:`ordering_table`).
+rerun's paired mean log ratio stays above 0 (:func:`ordering`).
 """
 from __future__ import annotations
 
@@ -94,35 +94,24 @@ def _pairs(better: Mapping, worse: Mapping, eval_set: str) -> list[tuple[float, 
     return [(b.get(s, b.get(None)), w.get(s, w.get(None))) for s in seeds]
 
 
-def holds(better: Mapping, worse: Mapping, eval_set: str) -> tuple[int, int]:
-    """(seeds where ``better`` has the lower perplexity, seeds compared), pairing runs by calibration seed."""
-    pairs = _pairs(better, worse, eval_set)
-    return sum(x < y for x, y in pairs), len(pairs)
-
-
-def rerun_margin(better: Mapping, worse: Mapping, eval_set: str) -> tuple[float, float]:
-    """(mean over seeds of log(worse / better), its rerun lower bound: mean - :func:`rerun_half_width`)."""
-    d = [math.log(y / x) for x, y in _pairs(better, worse, eval_set)]
-    return float(np.mean(d)), float(np.mean(d) - rerun_half_width(d))
+def ordering(pairs: Sequence[tuple[float, float]]) -> dict:
+    """For (better, worse) perplexities paired by seed: the seeds where better is lower, the mean log ratio
+    log(worse / better) and its rerun lower bound (mean - :func:`rerun_half_width`), and "stated": it holds in
+    every seed and the lower bound is above 0 (a rerun with other float-sum orders keeps it with 95 %
+    probability)."""
+    k, d = sum(x < y for x, y in pairs), [math.log(y / x) for x, y in pairs]
+    mean = float(np.mean(d))
+    lower = mean - rerun_half_width(d)
+    return {"seeds where it holds": f"{k} of {len(pairs)}", "holds in every seed": k == len(pairs),
+            "mean log ratio": mean, "rerun lower bound": lower, "stated": k == len(pairs) and lower > 0}
 
 
 def ordering_table(cells: Sequence[Mapping], pairs: Sequence[tuple[str, str]], settings: Sequence[str],
                    eval_sets: Sequence[str], label_of) -> pd.DataFrame:
-    """For each setting, set and pair of methods (better first, e.g. MagR+OPTQ, OPTQ): the seeds where it
-    holds, the mean log perplexity ratio over the seeds and its rerun lower bound, and "stated": the ordering
-    holds in every seed and the lower bound is above 0 (a rerun with other float-sum orders keeps it with 95 %
-    probability). ``label_of(cell)`` gives (setting, method)."""
+    """:func:`ordering` for each setting, set and pair of methods (better first, e.g. MagR+OPTQ, OPTQ), runs
+    paired by calibration seed. ``label_of(cell)`` gives (setting, method)."""
     by_key = {label_of(c): c for c in cells}
-    rows = []
-    for setting in settings:
-        for a, b in pairs:
-            if (setting, a) not in by_key or (setting, b) not in by_key:
-                continue
-            for s in eval_sets:
-                better, worse = by_key[(setting, a)], by_key[(setting, b)]
-                k, n = holds(better, worse, s)
-                mean, lower = rerun_margin(better, worse, s)
-                rows.append({"setting": setting, "ordering": f"{a} < {b}", "set": s,
-                             "seeds where it holds": f"{k} of {n}", "holds in every seed": k == n,
-                             "mean log ratio": mean, "rerun lower bound": lower, "stated": k == n and lower > 0})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"setting": setting, "ordering": f"{a} < {b}", "set": s,
+                          **ordering(_pairs(by_key[(setting, a)], by_key[(setting, b)], s))}
+                         for setting in settings for a, b in pairs
+                         if (setting, a) in by_key and (setting, b) in by_key for s in eval_sets])

@@ -117,7 +117,8 @@ class BlockCheckpoints:
     def load(self, i: int, block: nn.Module, device) -> tuple[dict[str, QuantParams], list[dict], float] | None:
         """Block ``i``'s checkpoint loaded into ``block`` (weights as loaded), as (grids, records, seconds),
         or None when there is none to resume. Call it for every block, in order, before quantizing it."""
-        self._chain = digest(block.state_dict().items(), seed=self._chain)
+        state = block.state_dict()
+        self._chain = digest(state.items(), seed=self._chain)
         key = self._block_key = {**self.key, "model": self._chain}
         pt, js = self.paths(i)
         if not self.resuming:
@@ -141,7 +142,6 @@ class BlockCheckpoints:
             if _sha256(data) != meta.get("pt_sha256"):
                 raise ValueError(f"its content does not match the SHA-256 recorded in {js.name}")
             saved = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-            state = block.state_dict()
             if {k: tuple(v.shape) for k, v in saved["state"].items()} != {k: tuple(v.shape) for k, v in state.items()}:
                 raise ValueError("its tensors do not fit this block")
             params = {n: QuantParams(**p) for n, p in saved["params"].items()}

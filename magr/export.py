@@ -27,7 +27,6 @@ lm_head are stored in float16. The folder (config with ``quantization_config``, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .packing import pack_int32
-from .persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer
+from .persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer, write_json
 from .quantizers import Grid, QuantParams
 from .settings import check_choice, setting
 
@@ -106,7 +105,7 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
             "With beta < 1 a row or group of mostly negative weights gets round(-min/delta) > 2^bits - 1: "
             "quantize again with --clamp-zero (Grid(clamp_zero=True))")
     Wf = W.float()
-    s, z = scale[:, p.g_idx], zero[:, p.g_idx]
+    s, z = (t.float() for t in p.columns())
     q = torch.round(Wf / s) + z
     tol = torch.finfo(W.dtype).eps / 2 * Wf.abs() + 1e-5 * s
     if bool((tol >= 0.5 * s).any()):
@@ -161,9 +160,9 @@ def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, in
 
 # -------------------------------------------------------------------------------------------- writers
 def _gptq_version(export: Export, codes: dict[str, LayerCodes]) -> str:
-    has_zero0 = any(bool((lc.zero == 0).any()) for lc in codes.values())
+    name = next((n for n, lc in codes.items() if bool((lc.zero == 0).any())), None)  # first layer with a zero 0
+    has_zero0 = name is not None
     if export.gptq_version == "v1" and has_zero0:
-        name = next(n for n, lc in codes.items() if (lc.zero == 0).any())
         r, g = _first(codes[name].zero == 0)
         raise ValueError(f"{name}: row {r} group {g} has zero point 0, which GPTQ v1 (stores zero - 1) cannot "
                          "hold; allowed with v1: zero points 1..2^bits-1; use --gptq-version v2 or auto")
@@ -252,12 +251,12 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if export.format == "gptq":
-            (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=1) + "\n")
+            write_json(tmp / "quantize_config.json", qcfg)
         save_tokenizer(tokenizer, tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {"format": export.format, "export": asdict(export), "grid": asdict(grid), "source": source,
                 "quantization_config": qcfg, "layers": len(codes)}
-        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_json(tmp / EXPORT_FILE, meta)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

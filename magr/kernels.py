@@ -74,7 +74,7 @@ def linf_threshold_from_max(A: torch.Tensor, t: float, max_steps: int = NEWTON_M
     rows, cols = torch.gt(A, tau0, out=mask).nonzero(as_tuple=True)
     vals = A[rows, cols]
     tau, count = _newton_on_candidates(vals, rows, tau0[:, 0], t, A.shape[0], max_steps)
-    if count is None:  # no row has a candidate (t = 0 or all rows zero)
+    if count is None:  # max_steps == 0: no Newton step ran
         return tau0
     active = torch.gt(A, tau.unsqueeze(1), out=mask)
     s = torch.where(active, A, A.new_zeros(()), out=kept).sum(dim=1)

@@ -79,9 +79,14 @@ def compare_backends(W: torch.Tensor, H: torch.Tensor, grid, step) -> dict:
     """OPTQ (the settings of ``step``, an :class:`magr.optq.OPTQ`) with the torch loop and with the compiled
     loop: the entries, the integer codes that differ, and whether the grids and the weights are the same to
     the bit (the kernel performs the torch loop's float32 operations, so nothing may differ)."""
-    runs = [replace(step, backend=b)(W, H, grid) for b in ("torch", "compiled")]
-    (Qt, pt), (Qc, pc) = runs
-    codes = [quantize_codes(Q.float(), *p.columns(), p.maxq) for Q, p in runs]
+    return compare_results(*(replace(step, backend=b)(W, H, grid) for b in ("torch", "compiled")))
+
+
+def compare_results(torch_result, compiled_result) -> dict:
+    """Two OPTQ results (dequantized weight, :class:`QuantParams`): the entries, the integer codes that differ,
+    whether the grids (scale, zero, g_idx) and the weights are the same to the bit."""
+    (Qt, pt), (Qc, pc) = torch_result, compiled_result
+    codes = [quantize_codes(Q.float(), *p.columns(), p.maxq) for Q, p in (torch_result, compiled_result)]
     return {"entries": Qt.numel(), "differing_codes": int((codes[0] != codes[1]).sum()),
             "same_grids": bool(torch.equal(pt.scale, pc.scale) and torch.equal(pt.zero, pc.zero)
                                and torch.equal(pt.g_idx, pc.g_idx)),

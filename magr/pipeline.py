@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .calibration import BlockInputs, LayerStats, walk_blocks
+from .calibration import LayerStats, walk_blocks
 from .methods import QuantConfig
 from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
 from .checkpoints import BlockCheckpoints, resume_key
@@ -43,8 +43,12 @@ class QuantResult:
     params: dict[str, QuantParams] = field(default_factory=dict)  # "model.layers.i.<name>" -> grid
     seconds: float = 0.0
     block_seconds: list[float] = field(default_factory=list)
-    resumed: list[int] = field(default_factory=list)  # blocks taken from checkpoints
     checkpoints: BlockCheckpoints | None = None
+
+    @property
+    def resumed(self) -> list[int]:
+        """The blocks taken from checkpoints."""
+        return list(self.checkpoints.resumed) if self.checkpoints else []
 
 
 class Interrupted(KeyboardInterrupt):
@@ -115,15 +119,6 @@ def _reconstruction_error(Q: torch.Tensor, W: torch.Tensor, st: LayerStats | Non
     return {"recon_error": err, "recon_error_rel": err / ref if ref > 0 else None}
 
 
-def _blocks_without_data(model: nn.Module, device):
-    """The decoder blocks in turn on ``device``, with no calibration inputs (methods that use no data)."""
-    for i, block in enumerate(checked_layers(model)):
-        home = next(block.parameters()).device
-        block.to(device)
-        yield BlockInputs(i, block, None, None)
-        block.to(home)
-
-
 def quantize_block(block: nn.Module, stats_of, cfg: QuantConfig) -> tuple[dict[str, QuantParams], list[dict]]:
     """Quantize the seven linear layers of one block; ``stats_of(groups)`` collects their statistics."""
     passes = [(g,) for g in SEQUENTIAL_GROUPS] if cfg.true_sequential else [SEQUENTIAL_GROUPS]
@@ -158,7 +153,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     store = result.checkpoints = (BlockCheckpoints(checkpoint_dir, resume_key(model, cfg, calib, device), resume)
                                   if checkpoint_dir else None)
     start = time.perf_counter()
-    blocks = walk_blocks(model, calib, device) if cfg.uses_calibration else _blocks_without_data(model, device)
+    blocks = walk_blocks(model, calib if cfg.uses_calibration else None, device)  # RTN: no data, no forwards
     bar = tqdm(blocks, total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}", disable=not progress, unit="block")
     index = 0
     try:
@@ -169,8 +164,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
                 params, records, seconds = saved
                 log.info("block %d: resumed from %s", blk.index, checkpoint_dir)
             else:
-                stats_of = blk.stats if cfg.uses_calibration else (lambda groups: {n: None for g in groups for n in g})
-                params, records = quantize_block(blk.block, stats_of, cfg)
+                params, records = quantize_block(blk.block, blk.stats, cfg)
                 seconds = time.perf_counter() - t_block
                 records = [{**rec, "block": blk.index} for rec in records]
                 if store:
@@ -186,7 +180,6 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     finally:
         bar.close()
         model.config.use_cache = use_cache
-    result.resumed = list(store.resumed) if store else []
     result.seconds = time.perf_counter() - start
     bad = [r for r in result.records if r["recon_error"] is not None and not math.isfinite(r["recon_error"])]
     if bad:

@@ -27,12 +27,13 @@ def load_exported(folder, dtype: torch.dtype = torch.float16, gptq_backend: str 
     default: gptqmodel's choice), run eagerly. compressed-tensors checkpoints are de-quantized while loading."""
     from transformers import AutoModelForCausalLM
 
-    fmt = export_info(folder)["format"]
+    info = export_info(folder)
+    fmt = info["format"]
     kw = {}
     if fmt == "gptq" and gptq_backend is not None:
         from transformers import GPTQConfig
 
-        kw["quantization_config"] = GPTQConfig(bits=export_info(folder)["grid"]["bits"], backend=gptq_backend)
+        kw["quantization_config"] = GPTQConfig(bits=info["grid"]["bits"], backend=gptq_backend)
     elif fmt == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 

@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     print(markdown_table(verdicts, ".4g"))
     counts = verdicts["verdict"].value_counts().to_dict()
     print(f"\n{len(verdicts)} values: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    ranged = verdicts["in seed range"].dropna()
+    if len(ranged):
+        print(f"{int((~ranged.astype(bool)).sum())} of {len(ranged)} seed-averaged means outside the committed seed "
+              "range (shown for information; the rule is the rerun interval)")
     if args.out:
         verdicts.to_csv(args.out, index=False)
     return 0 if set(counts) <= {"within"} else 1

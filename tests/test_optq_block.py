@@ -94,15 +94,14 @@ STORIES_CONFIGS = [  # (group_size, OPTQ settings): stories260K's inputs are 64 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_compiled_equals_torch_loop_on_every_stories260k_layer(stories_layers, bits):
-    total = differing = 0
+    differing = 0
     for group_size, settings in STORIES_CONFIGS:
         grid = Grid(bits, group_size, beta=default_beta(bits, group_size))
         for i, (W, H) in enumerate(stories_layers):
             res = compare_backends(W, H, grid, OPTQ(**settings))
-            total, differing = total + res["entries"], differing + res["differing_codes"]
+            differing += res["differing_codes"]
             assert res["same_grids"] and res["same_weights"], f"layer {i}, g{group_size} {settings}: {res}"
-    assert total == len(STORIES_CONFIGS) * sum(W.numel() for W, _ in stories_layers)
-    assert differing == 0, f"{differing} of {total} codes differ"
+    assert differing == 0, f"{differing} codes differ"
 
 
 def test_the_comparison_can_fail(monkeypatch):

@@ -58,3 +58,16 @@ def test_the_detector_sees_library_code():
     assert _runs_library_code("papermill --log-level WARNING notebooks/fig1_weight_magnitudes.ipynb out.ipynb")
     assert _runs_library_code("python scripts/build_report.py --params params.yaml")
     assert not _runs_library_code("echo magr-free")
+
+
+def test_the_report_stage_depends_on_every_table_the_report_reads(stages):
+    """scripts/build_report.py's sections name the Markdown tables it pastes; each must be a dependency of the
+    report stage, or a new or edited table would leave REPORT.md stale."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_report", ROOT / "scripts" / "build_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read = {f"reports/{md}" for _, md, _, _ in module.SECTIONS + module.EXTRA_SECTIONS}
+    deps = next(deps for name, _, deps in stages if name == "report")
+    assert read - deps == set(), f"report stage misses {sorted(read - deps)}"

@@ -22,7 +22,7 @@ def test_profile_builds(path):
     Evaluation(**params["evaluation"])
     seeds = params["spread"]["seeds"]
     assert seeds and seeds[0] == cal.seed, "calibration.seed must be the first of spread.seeds (zero-shot models)"
-    for name, cell in params["cells"].items():
+    for cell in params["cells"].values():
         settings = {**params.get("quant", {}), **{k: v for k, v in cell.items() if k != "save"}}
         QuantConfig.build(**settings)
     assert set(params["zeroshot"]["cells"]) <= {n for n, c in params["cells"].items() if c.get("save")}

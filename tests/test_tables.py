@@ -153,3 +153,5 @@ def test_reproduction_check_reads_the_rerun_interval_and_flags_a_value_outside(t
     fresh = {**committed, "ppl W3 OPTQ wikitext2": {**optq, "value": optq["high"] * 1.01}}
     verdicts = compare(committed, fresh).set_index("value")["verdict"]
     assert verdicts["ppl W3 OPTQ wikitext2"] == "OUTSIDE" and verdicts["ppl W3 RTN wikitext2"] == "within"
+    in_range = compare(committed, fresh).set_index("value")["in seed range"]
+    assert in_range["ppl W3 OPTQ wikitext2"] is False and in_range["ppl W3 RTN wikitext2"] is None

@@ -46,7 +46,10 @@ def ckpt(model, out, dtype="float32", method="magr+optq"):
 import torch
 from magr.models import load_model, DTYPES
 from magr.methods import QuantConfig
-from magr.data import Calibration
+try:
+    from magr.calibration_data import Calibration  # this tree
+except ImportError:
+    from magr.data import Calibration  # 54cbdd3 and the robustness branch
 from magr.pipeline import quantize_model
 net, tok = load_model('{model}', dtype=DTYPES['{dtype}'])
 calib = Calibration('tinystories', 4, 64).tokens(tok)

@@ -1,5 +1,5 @@
 """Remove one protection at a time in a copy of the worktree and run the test that guards it."""
-import re, shutil, subprocess, sys, os
+import shutil, subprocess, sys, os
 from pathlib import Path
 SRC, DST = Path("/work/wt-robust"), Path("/tmp/robust/mut")
 M = [
@@ -9,7 +9,7 @@ M = [
  ("atomic writes removed (plain open on the final name)", "magr/persistence.py",
   "    tmp = path.with_name(f\".{path.name}.tmp{os.getpid()}\")\n    try:\n        with open(tmp, mode) as f:",
   "    tmp = path.with_name(f\".{path.name}.tmp{os.getpid()}\")\n    try:\n        with open(path, mode) as f:\n            yield f\n        return\n        with open(tmp, mode) as f:",
-  "tests/test_faults.py::test_disk_full_in_the_middle_of_a_write_then_resume"),
+  "tests/test_faults.py::test_kill_in_the_middle_of_a_checkpoint_write_then_resume tests/test_faults.py::test_disk_full_in_the_middle_of_a_write_then_resume"),
  ("damaged checkpoints not caught", "magr/checkpoints.py",
   "        except Exception as exc:  # anything unreadable is a damaged checkpoint: recompute the block\n            return self._damaged(i, pt, exc)",
   "        except ZeroDivisionError as exc:\n            return self._damaged(i, pt, exc)",
@@ -33,7 +33,7 @@ M = [
   "    if False:", "tests/test_faults.py::test_out_equal_to_the_input_model_folder_is_refused"),
  ("layer 0's kwargs for every block (main's capture)", "magr/calibration.py",
   "    inps, layer_kwargs = capture_block_inputs(model, calib, device)\n", "    inps, layer_kwargs = capture_block_inputs(model, calib, device)\n    layer_kwargs = [layer_kwargs[0]] * len(layer_kwargs)\n",
-  "tests/test_preflight.py::test_gemma2_blocks_see_their_own_sliding_window_mask"),
+  "tests/test_calibration.py::test_gemma2_blocks_see_their_own_sliding_window_mask"),
  ("evaluation texts not checked before quantizing", "magr/runs.py",
   "    streams = evaluation.streams(tokenizer, data_root)\n    calib", "    streams = None\n    calib",
   "tests/test_preflight.py::test_eval_text_shorter_than_one_window_fails_before_quantizing"),
