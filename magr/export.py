@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .models import linear_shapes
 from .packing import pack_int32
 from .persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer, write_json
 from .quantizers import Grid, QuantParams
@@ -129,14 +130,6 @@ def model_codes(model: nn.Module, params: dict[str, QuantParams]) -> dict[str, L
                          "layer must be quantized to export")
     return {name: layer_codes(name, model.get_submodule(name).weight.data.cpu(), params[name].cpu())
             for name in sorted(params)}
-
-
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every decoder linear layer, by its full name."""
-    from .models import LINEAR_NAMES, decoder_layers
-
-    return {f"model.layers.{i}.{n}": tuple(block.get_submodule(n).weight.shape)
-            for i, block in enumerate(decoder_layers(model)) for n in LINEAR_NAMES}
 
 
 def _trivial_g_idx(lc: LayerCodes) -> bool:

@@ -221,6 +221,12 @@ def check_architecture(model) -> None:
         log.warning("model class %s is not in SUPPORTED_ARCHITECTURES but has the expected layer structure", name)
 
 
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of every decoder linear layer, by its full name."""
+    return {f"model.layers.{i}.{n}": tuple(block.get_submodule(n).weight.shape)
+            for i, block in enumerate(decoder_layers(model)) for n in LINEAR_NAMES}
+
+
 def checked_layers(model) -> list:
     """The decoder blocks of a supported model, after :func:`check_architecture`."""
     check_architecture(model)

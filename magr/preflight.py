@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .models import LINEAR_NAMES, check_architecture, decoder_layers, load_config, model_source
+from .models import check_architecture, decoder_layers, linear_shapes, load_config, model_source
 from .persistence import CHECKPOINT_FOLDER, PARAMS_FILE, atomic_open, is_run_folder
 from .pipeline import check_config_for_model
 
@@ -136,13 +136,8 @@ def _nbytes(params) -> int:
 
 def _grid_bytes(model: nn.Module, group_size: int | None) -> int:
     """scale and zero (float32) per row and group, and g_idx (int64) per input, of every linear layer."""
-    total = 0
-    for layer in decoder_layers(model):
-        for name in LINEAR_NAMES:
-            lin = layer.get_submodule(name)
-            groups = lin.in_features // group_size if group_size else 1
-            total += lin.out_features * groups * 8 + lin.in_features * 8
-    return total
+    return sum(out * (n_in // group_size if group_size else 1) * 8 + n_in * 8
+               for out, n_in in linear_shapes(model).values())
 
 
 def _existing(path: Path) -> Path:

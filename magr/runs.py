@@ -12,9 +12,9 @@ from . import preflight
 from .calibration_data import Calibration
 from .checkpoints import RESUME_POLICIES
 from .evaluation import Evaluation
-from .export import Export, check_exportable, check_output_folder, export_model, linear_shapes
+from .export import Export, check_exportable, check_output_folder, export_model
 from .methods import QuantConfig
-from .models import DTYPES, load_model, resolve_device
+from .models import DTYPES, linear_shapes, load_model, resolve_device
 from .persistence import retire_run, save_quantized, write_run
 from .pipeline import Interrupted, quantize_model
 from .settings import check_choice

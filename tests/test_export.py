@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magr.evaluation import Evaluation
-from magr.export import Export, check_exportable, export_model, layer_codes, linear_shapes, model_codes
+from magr.export import Export, check_exportable, export_model, layer_codes, model_codes
 from magr.methods import QuantConfig
-from magr.models import load_model
+from magr.models import linear_shapes, load_model
 from magr.persistence import PARAMS_FILE
 from magr.pipeline import quantize_model
 from magr.quantizers import Grid, QuantParams, quantize, quantize_codes
@@ -83,6 +83,25 @@ def test_widths_and_group_sizes_a_format_cannot_load_are_refused_before_work(sto
 # --------------------------------------------------------------------------------------- bad inputs
 def _siblings(path):
     return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_a_failure_while_writing_leaves_no_temporary_folder(tmp_path, stories260k, monkeypatch):
+    """An error after the staging folder exists (here: the disk fills while the tensors are written) removes it
+    and leaves no output folder."""
+    import safetensors.torch
+
+    model, tok = stories260k
+    cfg = QuantConfig.build(method="rtn", bits=4)
+    res = quantize_model(model, CALIB, cfg, device="cpu", progress=False)
+    before = _siblings(tmp_path / "x")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(model, tok, res.params, cfg.grid, tmp_path / "out", Export("gptq"))
+    assert _siblings(tmp_path / "x") == before
 
 
 def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, stories260k, capsys):
