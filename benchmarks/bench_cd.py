@@ -2,7 +2,7 @@
 
 For each layer shape (out x in) of SmolLM2-135M (hidden 576, intermediate 1536) and of LLaMA-2-7B, in one run:
 
-- CD: 30 passes of :func:`magr.refinement.cd_refine_compiled` (one kernel call) and of :func:`cd_refine` (the
+- CD: 30 passes of :func:`magr.core.refinement.cd_refine_compiled` (one kernel call) and of :func:`cd_refine` (the
   pure-torch loop, the reference; also without its stop after a pass that changed nothing, i.e. the loop as it
   was before issue 11), from the OPTQ codes of a random weight with outliers (RTN codes on the
   LLaMA shapes, where OPTQ on the CPU would dominate the run) and H = X^T X of correlated random features;
@@ -27,14 +27,14 @@ import time
 
 import torch
 
-from magr.cd_check import codes
-from magr.fista import fista_momenta
-from magr.kernels import prox_step_, prox_workspace
-from magr.optq import OPTQ
-from magr.projection import threshold_newton
-from magr.quantizers import Grid, default_beta, rtn
-from magr.refinement import CD, cd_refine, cd_refine_compiled
-from magr.solver import lambda_max
+from magr.core.cd_check import codes
+from magr.core.fista import fista_momenta
+from magr.core.kernels import prox_step_, prox_workspace
+from magr.core.optq import OPTQ
+from magr.core.projection import threshold_newton
+from magr.core.quantizers import Grid, default_beta, rtn
+from magr.core.refinement import CD, cd_refine, cd_refine_compiled
+from magr.core.solver import lambda_max
 
 SHAPES = {
     "smollm2": {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576),

@@ -5,7 +5,7 @@ features X = tokens x in drawn at random (2048 tokens), alpha = 1e-3 per channel
 
 - reference: the published procedure, layer by layer: X / sigma_max(X) (SVD), H = X^T X, 200 plain
   proximal-gradient steps with float32 matmuls (TF32 off) and the sort-based l1-ball projection.
-- fast: :func:`magr.fista.magr_fista` on the stacked rows of each group of layers sharing one input (q/k/v, o,
+- fast: :func:`magr.core.fista.magr_fista` on the stacked rows of each group of layers sharing one input (q/k/v, o,
   gate/up, down): H computed once, lambda_max by Lanczos, rows stacked, FISTA, fused Triton prox.
 
 Objectives F(W) = 1/2 ||X (W - W_hat)^T||^2 + alpha * sum ||w_row||_inf are always computed in float64
@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from magr import kernels
-from magr.projection import prox_linf
-from magr.fista import FAST_ITERS, fista_momenta, magr_fista
-from magr.persistence import write_json
-from magr.solver import exact_objective, lambda_max_lanczos, matmul_precision
+from magr.core import kernels
+from magr.core.projection import prox_linf
+from magr.core.fista import FAST_ITERS, fista_momenta, magr_fista
+from magr.pipeline.persistence import write_json
+from magr.core.solver import exact_objective, lambda_max_lanczos, matmul_precision
 
 log = logging.getLogger("bench_magr")
 

@@ -1,4 +1,4 @@
-"""Compiled OPTQ column loop vs the pure-torch loop (magr.optq, ``OPTQ.backend``), per layer shape.
+"""Compiled OPTQ column loop vs the pure-torch loop (magr.core.optq, ``OPTQ.backend``), per layer shape.
 
 OPTQ runs per layer, so the shapes are each layer's (out x in): SmolLM2-135M (hidden 576, intermediate 1536:
 q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576, down 576 x 1536) and LLaMA-2-7B (q/k/v/o 4096 x 4096,
@@ -26,10 +26,10 @@ from dataclasses import replace
 import torch
 from bench_cd import layer, timed  # benchmarks/ is on sys.path when a script here runs
 
-from magr.optq import OPTQ, damped_inverse_cholesky
-from magr.optq_block import compare_results
-from magr.persistence import write_json
-from magr.quantizers import Grid, default_beta
+from magr.core.optq import OPTQ, damped_inverse_cholesky
+from magr.core.optq_block import compare_results
+from magr.pipeline.persistence import write_json
+from magr.core.quantizers import Grid, default_beta
 
 SHAPES = {
     "smollm2": {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -42,9 +42,9 @@ TOKENS = 2048  # SmolLM2 profile: 4 x 512 calibration tokens
 
 @contextmanager
 def column_loop_timer():
-    """Within the block: OPTQ's column loop (:func:`magr.optq.column_function`'s choice) timed, the seconds
+    """Within the block: OPTQ's column loop (:func:`magr.core.optq.column_function`'s choice) timed, the seconds
     summed into the yielded list's first entry."""
-    module = sys.modules["magr.optq"]  # the package exports the function optq under the module's name
+    module = sys.modules["magr.core.optq"]  # the package exports the function optq under the module's name
     choose, spent = module.column_function, [0.0]
 
     def timing(backend, device):

@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 import yaml
 
-from magr.calibration_data import Calibration
-from magr.cells import load_cells
-from magr.evaluation import Evaluation
-from magr.methods import QuantConfig
-from magr.persistence import write_json
+from magr.pipeline.calibration_data import Calibration
+from magr.reproduction.cells import load_cells
+from magr.evaluation.perplexity import Evaluation
+from magr.core.methods import QuantConfig
+from magr.pipeline.persistence import write_json
 from magr.runs import quantize_cell
-from magr.tables import markdown_table
+from magr.reproduction.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def parse_extra(text: str) -> tuple[str, dict]:
 
 
 def pipeline_cells(results_dir: Path) -> dict:
-    """{name: cell} of the pipeline's own runs (runs/cells, :func:`magr.cells.load_cells`), when they exist."""
+    """{name: cell} of the pipeline's own runs (runs/cells, :func:`magr.reproduction.cells.load_cells`), when they exist."""
     return {c["name"]: c for c in load_cells(results_dir)} if results_dir.is_dir() else {}
 
 

@@ -4,7 +4,7 @@ For every linear layer of stories260K (H from 8 x 64 TinyStories tokens) and for
 channel and per group, bits 2/3/4, both grid conventions (keep, refit), 1 and 30 passes, from OPTQ's codes:
 the number of differing codes; each row with a difference is traced to its first differing (pass, column)
 and the exact target's distance to the rounding boundary is printed in units of 2^-24 x the magnitude of the
-target's terms (magr.cd_check). tests/test_cd_sweep.py asserts the same on the same problems.
+target's terms (magr.core.cd_check). tests/test_cd_sweep.py asserts the same on the same problems.
 
     python benchmarks/cd_equality.py                 # stories260K (g4) and random layers (g16)
     python benchmarks/cd_equality.py --llama q/k/v/o_proj,gate/up_proj   # + LLaMA-2-7B shapes: W2, 1 pass, RTN start
@@ -15,10 +15,11 @@ import argparse
 
 import torch
 
-from magr.cd_check import compare_sweeps, layer_problems
-from magr.optq import OPTQ
-from magr.quantizers import Grid, default_beta, rtn
-from magr.refinement import CD
+from magr.core.cd_check import compare_sweeps
+from magr.pipeline.blocks import layer_problems
+from magr.core.optq import OPTQ
+from magr.core.quantizers import Grid, default_beta, rtn
+from magr.core.refinement import CD
 
 
 def random_layers(count: int, out: int = 48, n: int = 96, tokens: int = 256):
@@ -46,8 +47,8 @@ def main():
         res = compare_sweeps(Q0, W, H, p, 1, cd.damp, cd.eps)
         print(f"llama2-7b {name} {tuple(W.shape)} W2 pc keep 1 pass: {res.differing} of {res.entries} codes differ "
               f"in {res.rows} rows; first differences: {res.ties}", flush=True)
-    from magr.calibration_data import get_calibration
-    from magr.models import load_model
+    from magr.pipeline.calibration_data import get_calibration
+    from magr.pipeline.models import load_model
 
     model, tok = load_model("stories260k")
     suites = {"stories260k (g4)": (layer_problems(model, get_calibration("tinystories", tok, 8, 64, seed=0)), 4),

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from magr.calibration_data import Calibration
-from magr.evaluation import Evaluation
-from magr.export import FORMATS, Export, export_run, model_codes
-from magr.methods import QuantConfig
-from magr.models import load_model
-from magr.persistence import load_quant_params, read_run
-from magr.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
+from magr.pipeline.calibration_data import Calibration
+from magr.evaluation.perplexity import Evaluation
+from magr.deploy.export import FORMATS, Export, export_run, model_codes
+from magr.core.methods import QuantConfig
+from magr.pipeline.models import load_model
+from magr.pipeline.persistence import load_quant_params, read_run
+from magr.deploy.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
 from magr.runs import quantize_run
 
 SMOLLM2_COMMON = {"iters": 14, "feature_source": "last_sample"}

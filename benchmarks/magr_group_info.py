@@ -10,7 +10,7 @@ import time
 import torch
 
 import magr
-from magr.preprocessing import SOLVERS
+from magr.core.preprocessing import SOLVERS
 
 torch.manual_seed(0)
 print(magr.__file__)

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from magr.calibration_data import get_calibration
-from magr.data import get_eval_tokens
-from magr.methods import PRESETS, QuantConfig
-from magr.pipeline import quantize_model
-from magr.evaluation import perplexity
-from magr.models import load_model
-from magr.persistence import write_json
+from magr.pipeline.calibration_data import get_calibration
+from magr.pipeline.data import get_eval_tokens
+from magr.core.methods import PRESETS, QuantConfig
+from magr.pipeline.blocks import quantize_model
+from magr.evaluation.perplexity import perplexity
+from magr.pipeline.models import load_model
+from magr.pipeline.persistence import write_json
 
 
 def main():

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from magr.methods import QuantConfig
-from magr.paper import PAPER_RUNTIME_7B_MIN
-from magr.persistence import write_json
-from magr.pipeline import quantize_model
+from magr.core.methods import QuantConfig
+from magr.reproduction.paper import PAPER_RUNTIME_7B_MIN
+from magr.pipeline.persistence import write_json
+from magr.pipeline.blocks import quantize_model
 
 METHODS = [  # (label, method, bits, cd passes)
     ("RTN (W3)", "rtn", 3, None),

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from magr.calibration_data import get_calibration
-from magr.methods import PRESETS, QuantConfig
-from magr.models import load_model
-from magr.persistence import write_json
-from magr.pipeline import quantize_model
-from magr.zeroshot import TASKS, evaluate_zeroshot, results_table
+from magr.pipeline.calibration_data import get_calibration
+from magr.core.methods import PRESETS, QuantConfig
+from magr.pipeline.models import load_model
+from magr.pipeline.persistence import write_json
+from magr.pipeline.blocks import quantize_model
+from magr.evaluation.zeroshot import TASKS, evaluate_zeroshot, results_table
 
 
 def main():

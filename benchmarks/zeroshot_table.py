@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from magr.tables import METHOD_ORDER, cell_label, describe_config, markdown_table
-from magr.zeroshot import CHANCE, TASKS, format_acc
+from magr.reproduction.tables import METHOD_ORDER, cell_label, describe_config, markdown_table
+from magr.evaluation.zeroshot import CHANCE, TASKS, format_acc
 
 
 def merge(paths) -> dict[str, dict]:

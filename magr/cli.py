@@ -13,7 +13,7 @@ with the same command; checkpoints of another model, dtype, settings or calibrat
 long work), 1 for an operating-system error (disk full, permissions), 130 for Ctrl-C.
 
 Every algorithm, calibration and evaluation setting is a flag named after its config field
-(--group-size or --group_size for Grid.group_size, --cd-passes for CD.passes; magr.settings), with the
+(--group-size or --group_size for Grid.group_size, --cd-passes for CD.passes; magr.core.settings), with the
 default and the checks of that dataclass; params.yaml cells use the same names.
 """
 from __future__ import annotations
@@ -25,15 +25,15 @@ import signal
 import sys
 from pathlib import Path
 
-from .calibration_data import Calibration
-from .checkpoints import RESUME_POLICIES
-from .evaluation import Evaluation
-from .export import FORMATS, GPTQ_VERSIONS, Export
-from .methods import PRESETS, setting_names
-from .models import DTYPES
-from .persistence import dumps, write_json
-from .preflight import check_writable
-from .settings import flat_fields
+from .pipeline.calibration_data import Calibration
+from .pipeline.checkpoints import RESUME_POLICIES
+from .evaluation.perplexity import Evaluation
+from .deploy.export import FORMATS, GPTQ_VERSIONS, Export
+from .core.methods import PRESETS, setting_names
+from .pipeline.models import DTYPES
+from .pipeline.persistence import dumps, write_json
+from .pipeline.preflight import check_writable
+from .core.settings import flat_fields
 
 log = logging.getLogger("magr")
 
@@ -69,6 +69,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="parameter dtype of the loaded model (default float32; float16/bfloat16 halve the "
                         "memory of large checkpoints on a GPU)")
+    p.add_argument("--forward-dtype", "--forward_dtype", dest="forward_dtype", default=None, choices=tuple(DTYPES),
+                   help="dtype of the model's forward passes: calibration propagation and evaluation (default: "
+                        "--dtype); the statistics H and MagR / OPTQ / CD stay in float32 on the loaded weights")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -138,7 +141,7 @@ def _given(args, fields) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from .methods import QuantConfig
+    from .core.methods import QuantConfig
     from .runs import quantize_cell, quantize_run
 
     quant = QuantConfig.build(method=args.method, true_sequential=args.true_sequential,
@@ -146,8 +149,8 @@ def cmd_quantize(args) -> dict:
     calibration = Calibration(**_given(args, flat_fields(Calibration)))
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
     export = None if args.save_format == "float" else Export(args.save_format, args.gptq_version)
-    options = dict(dtype=args.dtype, device=args.device, data_root=args.data_root, resume=args.resume,
-                   keep_checkpoints=args.keep_checkpoints)
+    options = dict(dtype=args.dtype, forward_dtype=args.forward_dtype, device=args.device, data_root=args.data_root,
+                   resume=args.resume, keep_checkpoints=args.keep_checkpoints)
     if args.seeds is not None:
         if args.checkpoint_dir:
             raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
@@ -158,7 +161,7 @@ def cmd_quantize(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from .export import export_run
+    from .deploy.export import export_run
 
     out = export_run(args.run_dir, args.out, Export(**_given(args, flat_fields(Export))))
     return {"run": args.run_dir, "out": str(out), **json.loads((out / "magr_export.json").read_text())}
@@ -168,17 +171,18 @@ def cmd_ppl(args) -> dict:
     from .runs import perplexity_run
 
     out = perplexity_run(args.model, Evaluation(**_given(args, flat_fields(Evaluation))), dtype=args.dtype,
-                         device=args.device, data_root=args.data_root)
+                         device=args.device, data_root=args.data_root, forward_dtype=args.forward_dtype)
     if args.json:
         write_json(args.json, out)
     return out
 
 
 def cmd_zeroshot(args) -> dict:
-    from .models import load_model
-    from .zeroshot import evaluate_zeroshot
+    from .pipeline.models import load_model
+    from .evaluation.zeroshot import evaluate_zeroshot
 
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    # lm-eval drives the model itself: it runs in the forward dtype throughout
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.forward_dtype or args.dtype])
     # --data-root is the offline data folder of every command; the zero-shot sets are its zeroshot/ subfolder
     zs_root = Path(args.data_root) / "zeroshot" if args.data_root else None
     out = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,

@@ -1,6 +1,6 @@
 """Whole jobs, as the CLI, the notebooks and the scripts run them: quantize a model and write its run
 folder, or measure a model's perplexity. Every check that can fail runs before the long work
-(:mod:`magr.preflight`); every file is written atomically (:mod:`magr.persistence`).
+(:mod:`magr.pipeline.preflight`); every file is written atomically (:mod:`magr.pipeline.persistence`).
 """
 from __future__ import annotations
 
@@ -8,40 +8,59 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import preflight
-from .calibration_data import Calibration
-from .checkpoints import RESUME_POLICIES
-from .evaluation import Evaluation
-from .export import Export, check_exportable, check_output_folder, export_model
-from .methods import QuantConfig
-from .models import DTYPES, linear_shapes, load_model, resolve_device
-from .persistence import retire_run, save_quantized, write_run
-from .pipeline import Interrupted, quantize_model
-from .settings import check_choice
-from .tokenizer import load_tokenizer
+import torch
+
+from .pipeline import preflight
+from .pipeline.calibration_data import Calibration
+from .pipeline.checkpoints import RESUME_POLICIES
+from .evaluation.perplexity import Evaluation
+from .deploy.export import Export, check_exportable, check_output_folder, export_model
+from .core.methods import QuantConfig
+from .pipeline.models import DTYPES, linear_shapes, load_model, resolve_device
+from .pipeline.persistence import retire_run, save_quantized, write_run
+from .pipeline.blocks import Interrupted, quantize_model
+from .core.settings import check_choice
+from .pipeline.machine import NATIVE_HALF, native_half
+from .pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _check_dtype(dtype: str) -> None:
+def _check_dtype(dtype: str, name: str = "dtype") -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} not supported; allowed: {', '.join(DTYPES)}")
+        raise ValueError(f"{name}={dtype!r} not supported; allowed: {', '.join(DTYPES)}")
+
+
+def forward_dtype_of(dtype: str, forward_dtype: str | None, device) -> str:
+    """The dtype of a run's forwards (``forward_dtype``, default the model's ``dtype``), checked; warns on a CPU
+    that has no native half-precision matmuls (oneDNN then emulates them: slower, same numbers)."""
+    _check_dtype(dtype)
+    forward = forward_dtype or dtype
+    _check_dtype(forward, "forward_dtype")
+    if torch.device(device).type == "cpu" and native_half(DTYPES[forward]) is False:
+        log.warning("forward_dtype=%s: this CPU has none of %s, so %s matmuls are emulated and the forwards run "
+                    "slower than in float32 (benchmarks/NOTES.md); the numbers are the same", forward,
+                    "/".join(NATIVE_HALF[DTYPES[forward]]), forward)
+    return forward
 
 
 def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration = Calibration(),
                  evaluation: Evaluation = Evaluation(), dtype: str = "float32", device: str | None = None,
                  data_root=None, save: bool = True, checkpoint_dir=None, progress: bool = True,
-                 resume: str = "auto", keep_checkpoints: bool = False, export: Export | None = None) -> dict:
+                 resume: str = "auto", keep_checkpoints: bool = False, export: Export | None = None,
+                 forward_dtype: str | None = None, streams: dict | None = None) -> dict:
     """Quantize ``model`` (alias, folder, .gguf or hub id) with ``quant``, evaluate it, write the run folder.
 
     ``out`` receives ``magr_run.json`` and ``magr_layers.json`` (and, with ``save``, the model and its
     grids). Block checkpoints go to ``checkpoint_dir`` (default ``out/.blocks`` when saving); a rerun
-    resumes them per ``resume`` (auto, never, force: :mod:`magr.checkpoints`), and they are removed once the
+    resumes them per ``resume`` (auto, never, force: :mod:`magr.pipeline.checkpoints`), and they are removed once the
     run is written unless ``keep_checkpoints``. With ``export``, the packed checkpoint also goes to
-    ``out/<format>`` (:func:`magr.export.export_model`). Returns the run metadata.
+    ``out/<format>`` (:func:`magr.deploy.export.export_model`). ``forward_dtype`` (default ``dtype``): the dtype
+    of the model's forwards, calibration propagation and evaluation (the math stays float32). ``streams``: the
+    evaluation sets' tokens, when the caller has them already (:func:`quantize_cell`). Returns the run metadata.
     """
-    _check_dtype(dtype)
     dev = resolve_device(device)
+    forward = forward_dtype_of(dtype, forward_dtype, dev)
     calibration.check(data_root)
     evaluation.check(data_root)
     out = Path(out)
@@ -63,22 +82,26 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
     if skeleton is not None:
         check(skeleton)
     tokenizer = load_tokenizer(model)
-    streams = evaluation.streams(tokenizer, data_root)
+    if streams is None:
+        streams = evaluation.streams(tokenizer, data_root)
     calib = calibration.tokens(tokenizer, data_root)
     net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
     if skeleton is None:  # a .gguf: its config came with the weights
         check(net)
     preflight.check_finite(net)
-    result = quantize_model(net, calib, quant, device=dev, progress=progress, checkpoint_dir=ckpt, resume=resume)
+    result = quantize_model(net, calib, quant, device=dev, progress=progress, checkpoint_dir=ckpt, resume=resume,
+                            forward_dtype=DTYPES[forward])
     try:
         retire_run(out)
         if save:
             save_quantized(net, tokenizer, result.params, out)
-        meta = {"model": str(model), "dtype": dtype, "device": str(dev), "config": quant.to_dict(),
+        meta = {"model": str(model), "dtype": dtype, "forward_dtype": forward, "device": str(dev),
+                "config": quant.to_dict(),
                 "calibration": asdict(calibration), "seconds": result.seconds,
                 "block_seconds": result.block_seconds, "saved": save, "resumed_blocks": result.resumed}
         if evaluation.eval_sets:
-            meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams)
+            meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams,
+                                                  forward_dtype=DTYPES[forward])
         write_run(out, meta, result.records)
         if export is not None:
             export_model(net, tokenizer, result.params, quant.grid, out / export.format, export, source=str(out))
@@ -102,7 +125,8 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
 
     A method that reads no calibration data (RTN) gives the same model for every seed, so it runs once,
     for the first seed. ``save`` keeps the model of the first seed only (the one the zero-shot stages
-    evaluate), and ``export`` packs that model. ``options`` go to :func:`quantize_run`. Returns the run metadata of each seed.
+    evaluate), and ``export`` packs that model. ``options`` go to :func:`quantize_run`. The evaluation sets are read and
+    tokenized once for all seeds. Returns the run metadata of each seed.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -111,16 +135,20 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
         if len(seeds) > 1:
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
         seeds = seeds[:1]
+    if len(seeds) > 1 and evaluation.eval_sets and "streams" not in options:
+        evaluation.check(options.get("data_root"))
+        options["streams"] = evaluation.streams(load_tokenizer(model), options.get("data_root"))
     return [quantize_run(model, seed_folder(out, s), quant, replace(calibration, seed=s), evaluation,
                          save=save and i == 0, export=export if i == 0 else None, **options)
             for i, s in enumerate(seeds)]
 
 
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,
-                   data_root=None) -> dict:
-    """Perplexity of ``model`` on every set of ``evaluation``: {"model", "ppl": {set: {...}}}."""
-    _check_dtype(dtype)
+                   data_root=None, forward_dtype: str | None = None) -> dict:
+    """Perplexity of ``model`` on every set of ``evaluation``: {"model", "dtype", "forward_dtype", "ppl": {set:
+    {...}}}, the forwards in ``forward_dtype`` (default ``dtype``)."""
     dev = resolve_device(device)
+    forward = forward_dtype_of(dtype, forward_dtype, dev)
     if not evaluation.eval_sets:
         raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
     evaluation.check(data_root)
@@ -130,4 +158,5 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     tokenizer = load_tokenizer(model)
     streams = evaluation.streams(tokenizer, data_root)
     net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
-    return {"model": str(model), "ppl": evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams)}
+    ppl = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams, forward_dtype=DTYPES[forward])
+    return {"model": str(model), "dtype": dtype, "forward_dtype": forward, "ppl": ppl}

@@ -1,5 +1,5 @@
 """Assemble reports/REPORT.md from the tables and figures the notebooks wrote, and reports/metrics.json
-(every checked value with its stated uncertainty, magr.reproduction; `dvc metrics show`, and the reference of
+(every checked value with its stated uncertainty, magr.reproduction.reported; `dvc metrics show`, and the reference of
 scripts/check_reproduction.py).
 
     python scripts/build_report.py --params params.yaml --reports reports --out reports/REPORT.md \
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from magr.machine import machine_info
-from magr.persistence import write_json
-from magr.reproduction import report_values
+from magr.pipeline.machine import machine_info
+from magr.pipeline.persistence import write_json
+from magr.reproduction.reported import report_values
 
 SECTIONS = [
     ("Figure 1: weight magnitudes before and after MagR", "fig1_row_max.md",
@@ -54,7 +54,7 @@ EXTRA_SECTIONS = [
 
 
 UNCERTAINTY = """\
-How uncertain each number is (magr.reproduction; `python scripts/check_reproduction.py` checks a fresh run
+How uncertain each number is (magr.reproduction.reported; `python scripts/check_reproduction.py` checks a fresh run
 against these rules and prints a verdict per value):
 
 - perplexity of a cell that reads calibration data: the mean over the calibration seeds of `spread.seeds`, shown
@@ -70,7 +70,7 @@ against these rules and prints a verdict per value):
 - Table 1 fraction ranks: ± 1 percentage point (a singular value at the 1 % threshold may cross it);
   Figure 1 row maxima: 0.1 % relative; wall times (Table 4) belong to the machine and are not checked;
 - orderings of methods (Table 2) are checked seed by seed and stated only where they hold in every seed and the
-  paired mean log ratio stays above 0 in a rerun with 95 % probability (`magr.cells.ordering_table`)."""
+  paired mean log ratio stays above 0 in a rerun with 95 % probability (`magr.reproduction.cells.ordering_table`)."""
 
 FAITHFULNESS = """\
 Conventions of the released code (shared/docs/method-notes.md) and where this run follows them:

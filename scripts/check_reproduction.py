@@ -6,7 +6,7 @@
     python scripts/check_reproduction.py --rerun --threads 1   # ... with 1 torch thread (another machine's sums)
 
 Committed values: reports/metrics.json at a git revision (--committed, default HEAD), written by
-scripts/build_report.py; fresh values: the tables in the working tree's reports/. The rules (magr.reproduction):
+scripts/build_report.py; fresh values: the tables in the working tree's reports/. The rules (magr.reproduction.reported):
 a seed-averaged perplexity must fall in the committed rerun interval, a calibration-free one within 0.1 %, a
 zero-shot accuracy within one standard error, a Table 1 fraction rank within 1 point. Prints one verdict per
 value and exits 1 if any value is outside or missing.
@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from magr.reproduction import compare, report_values
-from magr.tables import markdown_table
+from magr.reproduction.reported import compare, report_values
+from magr.reproduction.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from magr.models import DTYPES, load_model
+from magr.pipeline.models import DTYPES, load_model
 
 
 def main(argv=None) -> int:

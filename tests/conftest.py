@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared():
     """The shared data folder (skips the test when it is missing)."""
-    from magr.models import shared_root
+    from magr.pipeline.sources import shared_root
 
     try:
         return shared_root()
@@ -47,7 +47,7 @@ def data_root(shared):
 
 @pytest.fixture(scope="session")
 def _stories260k_cached(shared):
-    from magr.models import load_model
+    from magr.pipeline.models import load_model
 
     return load_model("stories260k")
 
@@ -68,8 +68,8 @@ def stories_tokenizer(_stories260k_cached):
 @pytest.fixture(scope="session")
 def stories_layers(_stories260k_cached):
     """(W, H) of every linear layer of stories260K, H from 8 x 64 TinyStories tokens (as the pipeline)."""
-    from magr.calibration_data import get_calibration
-    from magr.cd_check import layer_problems
+    from magr.pipeline.calibration_data import get_calibration
+    from magr.pipeline.blocks import layer_problems
 
     model, tok = _stories260k_cached
     layers = layer_problems(model, get_calibration("tinystories", tok, nsamples=8, seqlen=64, seed=0))
@@ -81,7 +81,7 @@ def stories_layers(_stories260k_cached):
 def no_compiler(monkeypatch, tmp_path):
     """No C compiler (CC names a missing program) and an empty kernel cache: the compiled kernels are
     unavailable until the test ends."""
-    from magr import cd_sweep, optq_block
+    from magr.core import cd_sweep, optq_block
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("MAGR_CACHE_DIR", str(tmp_path))

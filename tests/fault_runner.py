@@ -7,7 +7,7 @@ FAULT is one of
 - ``kill-mid-write``: SIGKILL after half of block K's .pt file is written (a kill during a write);
 - ``enospc``: half of block K's .json file is written, then the write fails with ENOSPC (a full disk).
 
-The write faults wrap the ``open`` that :mod:`magr.persistence` writes files with, so the library's own
+The write faults wrap the ``open`` that :mod:`magr.pipeline.persistence` writes files with, so the library's own
 write path (temporary name, fsync, rename) is what they hit.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class _HalfWriter:
 
 
 def inject(fault: str, block: int) -> None:
-    from magr import checkpoints, persistence
+    from magr.pipeline import checkpoints, persistence
 
     if fault == "kill-after":
         save = checkpoints.BlockCheckpoints.save
@@ -66,7 +66,7 @@ def inject(fault: str, block: int) -> None:
             return _HalfWriter(f, fault)
         return f
 
-    persistence.open = faulty_open  # shadows the builtin inside magr.persistence only
+    persistence.open = faulty_open  # shadows the builtin inside magr.pipeline.persistence only
 
 
 if __name__ == "__main__":

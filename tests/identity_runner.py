@@ -33,10 +33,10 @@ def canary(model) -> str:
 
 
 def main(path: str) -> None:
-    from magr.calibration_data import get_calibration
-    from magr.methods import QuantConfig
-    from magr.models import load_model
-    from magr.pipeline import quantize_model
+    from magr.pipeline.calibration_data import get_calibration
+    from magr.core.methods import QuantConfig
+    from magr.pipeline.models import load_model
+    from magr.pipeline.blocks import quantize_model
 
     torch.set_num_threads(1)
     spec = json.loads(open(path).read())

@@ -2,7 +2,7 @@
 embeddings) the model itself passes that layer, also for sliding-window and alternating attention."""
 import torch
 
-from magr.calibration import block_forward, walk_blocks
+from magr.pipeline.calibration import block_forward, walk_blocks
 
 
 def test_gemma2_blocks_see_their_own_sliding_window_mask():

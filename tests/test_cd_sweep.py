@@ -1,4 +1,4 @@
-"""Compiled coordinate descent (magr.cd_sweep) against the pure-torch loop; the released code's grid refit."""
+"""Compiled coordinate descent (magr.core.cd_sweep) against the pure-torch loop; the released code's grid refit."""
 from __future__ import annotations
 
 import logging
@@ -6,12 +6,12 @@ import logging
 import pytest
 import torch
 
-from magr import cd_sweep
-from magr.cd_check import codes, compare_sweeps
-from magr.methods import QuantConfig
-from magr.optq import OPTQ
-from magr.quantizers import Grid, default_beta, quantize, rtn
-from magr.refinement import CD, cd_objective, cd_refine, cd_refine_compiled, refine_function
+from magr.core import cd_sweep
+from magr.core.cd_check import codes, compare_sweeps
+from magr.core.methods import QuantConfig
+from magr.core.optq import OPTQ
+from magr.core.quantizers import Grid, default_beta, quantize, rtn
+from magr.core.refinement import CD, cd_objective, cd_refine, cd_refine_compiled, refine_function
 from test_quantizers import assert_on_grid
 
 DAMP, EPS = CD.damp, CD.eps
@@ -80,7 +80,7 @@ def test_tie_check_can_fail(monkeypatch):
             Q[5, 7] = quantize(Q[5, 7] - 2 * params.scale[5, 0], params.scale[5, 0], params.zero[5, 0], params.maxq)
         return Q, params
 
-    monkeypatch.setattr("magr.cd_check.cd_refine_compiled", wrong)
+    monkeypatch.setattr("magr.core.cd_check.cd_refine_compiled", wrong)
     res = compare_sweeps(Q0, W, H, p, 1, DAMP, EPS)
     assert res.differing >= 1 and not res.all_ties(TIE_ULPS)
 
@@ -181,8 +181,8 @@ def test_step_returns_codes_and_grids_that_agree():
 
 
 def test_pipeline_stores_the_refined_grids(stories260k):
-    from magr.calibration_data import get_calibration
-    from magr.pipeline import quantize_model
+    from magr.pipeline.calibration_data import get_calibration
+    from magr.pipeline.blocks import quantize_model
 
     model, tok = stories260k
     calib = get_calibration("tinystories", tok, nsamples=4, seqlen=64, seed=0)
@@ -197,7 +197,7 @@ def test_pipeline_stores_the_refined_grids(stories260k):
 def test_fallback_without_a_compiler(no_compiler, caplog):
     with pytest.raises(RuntimeError, match="cd_backend='compiled' cannot run"):
         refine_function("compiled", torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="magr.refinement"):
+    with caplog.at_level(logging.WARNING, logger="magr.core.refinement"):
         assert refine_function("auto", torch.device("cpu")) is cd_refine
     assert "using the pure-torch loop" in caplog.text
     W, H = correlated_layer(2, out=8, n=16)
@@ -219,8 +219,8 @@ def test_cd_settings_are_checked():
 def triton_interpreter_check() -> int:
     """The Triton sweep (in the interpreter) against the C kernel on tiny layers; returns differing codes.
     Run by the test below in a subprocess, since TRITON_INTERPRET must be set before Triton compiles."""
-    from magr.cd_triton import sweep_triton
-    from magr.refinement import cd_covariance, sweep_grids
+    from magr.core.cd_triton import sweep_triton
+    from magr.core.refinement import cd_covariance, sweep_grids
 
     differing = 0
     for bits, group_size, sym in ((2, None, False), (3, 8, False), (2, 8, True)):
@@ -275,7 +275,7 @@ def test_triton_sweep_compiles_for_sm90_with_ieee_arithmetic():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from magr import cd_triton
+    from magr.core import cd_triton
 
     sig = {"Q": "*fp32", "T": "*fp64", "N": "*fp32", "S": "*fp32", "Z": "*fp32", "GI": "*i64", "RAN": "*i64",
            "out": "i32", "n": "i32", "n_groups": "i32", "refit_group": "i32", "passes": "i32", "beta": "fp32",

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magr.optq import OPTQ
-from magr.projection import project_l1_ball, prox_linf
-from magr.quantizers import Grid, rtn
-from magr.refinement import CD, cd_objective, cd_refine
-from magr.solver import magr_ista
+from magr.core.optq import OPTQ
+from magr.core.projection import project_l1_ball, prox_linf
+from magr.core.quantizers import Grid, rtn
+from magr.core.refinement import CD, cd_objective, cd_refine
+from magr.core.solver import magr_ista
 
 DAMP, EPS = CD.damp, CD.eps
 
@@ -119,8 +119,8 @@ def test_cd_refine_cuda_matches_cpu(group_size):
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_compiled_cd_on_cuda_equals_the_cpu_kernel(group_size, cd_grid):
     """The Triton sweep gives the C kernel's codes (differences only at rounding ties, counted)."""
-    from magr.cd_check import codes
-    from magr.refinement import cd_refine_compiled
+    from magr.core.cd_check import codes
+    from magr.core.refinement import cd_refine_compiled
 
     W, H, _ = problem(10, out=96, n=128)
     grid = Grid(2, group_size, beta=0.8)

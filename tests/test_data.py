@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from magr import data
-from magr.calibration_data import calibration_documents, get_calibration, joined_windows
-from magr.data import eval_text, get_eval_tokens
+from magr.pipeline import data
+from magr.pipeline.calibration_data import calibration_documents, get_calibration, joined_windows
+from magr.pipeline.data import eval_text, get_eval_tokens
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -38,7 +38,7 @@ def test_tinystories_heldout_is_tail(data_root):
 
 
 def test_wikitext2_calibration_standin_warns(data_root, caplog):
-    with caplog.at_level("WARNING", logger="magr.calibration_data"):
+    with caplog.at_level("WARNING", logger="magr.pipeline.calibration_data"):
         rows, inside = calibration_documents("wikitext2", data_root=data_root)
     text = "".join(rows)
     assert "wiki.valid.tokens" in caplog.text and not inside
@@ -98,7 +98,7 @@ def test_released_sampler_equals_the_released_loaders(stories_tokenizer):
     transcription of the released code's get_c4 / get_wikitext2 loops (module-level random, seeded)."""
     import random
 
-    from magr.calibration_data import released_document_windows, released_text_windows
+    from magr.pipeline.calibration_data import released_document_windows, released_text_windows
 
     words = "the cat sat on a mat while one dog ran to the park and back again".split()
     gen = random.Random(7)
@@ -134,7 +134,7 @@ def test_c4_released_sampler_offline(stories_tokenizer, data_root, caplog):
     for row in w:  # every window lies inside one document
         assert any(any(torch.equal(e[s:s + 512], row) for s in (e[:-512] == row[0]).nonzero().flatten().tolist())
                    for e in encoded if e.numel() > 512)
-    with caplog.at_level("WARNING", logger="magr.calibration_data"):
+    with caplog.at_level("WARNING", logger="magr.pipeline.calibration_data"):
         long = get_calibration("c4", stories_tokenizer, nsamples=2, seqlen=100_000, seed=0, data_root=data_root)
     assert long.shape == (2, 100_000) and "falling back" in caplog.text
 

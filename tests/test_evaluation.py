@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from magr.data import get_eval_tokens
-from magr.evaluation import make_windows, perplexity
+from magr.pipeline.data import get_eval_tokens
+from magr.evaluation.perplexity import make_windows, perplexity
 
 
 class _FixedLM(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Export to GPTQ / compressed-tensors (magr.export): storable grids, exact codes, bad inputs, and real loads
+"""Export to GPTQ / compressed-tensors (magr.deploy.export): storable grids, exact codes, bad inputs, and real loads
 through transformers (stories260K; a tiny random Llama with 32-multiple widths for 3-bit GPTQ)."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr.evaluation import Evaluation
-from magr.export import Export, check_exportable, export_model, layer_codes, model_codes
-from magr.methods import QuantConfig
-from magr.models import linear_shapes, load_model
-from magr.persistence import PARAMS_FILE
-from magr.pipeline import quantize_model
-from magr.quantizers import Grid, QuantParams, quantize, quantize_codes
+from magr.evaluation.perplexity import Evaluation
+from magr.deploy.export import Export, check_exportable, export_model, layer_codes, model_codes
+from magr.core.methods import QuantConfig
+from magr.pipeline.models import linear_shapes, load_model
+from magr.pipeline.persistence import PARAMS_FILE
+from magr.pipeline.blocks import quantize_model
+from magr.core.quantizers import Grid, QuantParams, quantize, quantize_codes
 from magr.runs import quantize_run
 
 CALIB = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, stories260k, capsys
 
 
 def _calibration():
-    from magr.calibration_data import Calibration
+    from magr.pipeline.calibration_data import Calibration
 
     return Calibration(calib="tinystories", nsamples=4, seqlen=64)
 
@@ -146,7 +146,7 @@ EVAL = Evaluation(eval_sets=("tinystories",), eval_seqlen=128, max_windows=2)
 
 def _round_trip(folder, model, params, tok, gptq_backend=None):
     """Reload ``folder`` with the third-party loader: grid comparison and the two perplexities."""
-    from magr.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
+    from magr.deploy.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
 
     reloaded = load_exported(folder, gptq_backend=gptq_backend)
     cmp = compare_grids(model_codes(model, params), reloaded_grids(folder, reloaded), loaded_weights(reloaded))
@@ -164,7 +164,7 @@ def test_gptq_checkpoint_loads_in_transformers_with_our_codes(tmp_path, capsys):
     """`magr quantize` writes the run folder, `magr export` packs it; gptqmodel unpacks the same codes."""
     needs("gptqmodel"), needs("optimum")
     from magr.cli import main
-    from magr.persistence import load_quant_params
+    from magr.pipeline.persistence import load_quant_params
 
     run = tmp_path / "run"
     assert main(["quantize", "--model", "stories260k", "--method", "magr+optq", "--bits", "4", "--iters", "10",
@@ -182,7 +182,7 @@ def test_compressed_tensors_checkpoint_from_quantize_save_format(tmp_path, capsy
     """`magr quantize --save-format compressed-tensors --fp16-scale`: run folder plus OUT/compressed-tensors."""
     needs("compressed_tensors")
     from magr.cli import main
-    from magr.persistence import load_quant_params
+    from magr.pipeline.persistence import load_quant_params
 
     assert main(["quantize", "--model", "stories260k", "--method", "rtn", "--bits", "3", "--fp16-scale",
                  "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path),
@@ -229,7 +229,7 @@ def test_3bit_gptq_with_a_zero_point_of_0_loads_as_gptq_v2(tmp_path, stories_tok
     export_model(model, stories_tokenizer, res.params, cfg.grid, tmp_path / "q", Export("gptq"))
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qcfg["checkpoint_format"] == "gptq_v2" and qcfg["bits"] == 3 and qcfg["group_size"] == 32
-    from magr.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
+    from magr.deploy.reload import compare_grids, load_exported, loaded_weights, reloaded_grids
 
     reloaded = load_exported(tmp_path / "q")
     cmp = compare_grids(model_codes(model, res.params), reloaded_grids(tmp_path / "q", reloaded),

@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr import kernels
-from magr.kernels import linf_threshold_from_max, prox_step_
-from magr.projection import l1_threshold, prox_linf
-from magr.fista import fast_iters_matching, fista_momenta, magr_fista
-from magr.preprocessing import MagR
-from magr.solver import exact_objective, lambda_max_lanczos, magr_ista
+from magr.core import kernels
+from magr.core.kernels import linf_threshold_from_max, prox_step_
+from magr.core.projection import l1_threshold, prox_linf
+from magr.core.fista import fast_iters_matching, fista_momenta, magr_fista
+from magr.core.preprocessing import MagR
+from magr.core.solver import exact_objective, lambda_max_lanczos, magr_ista
 
 
 def problem(seed: int, out: int = 48, n: int = 96, tokens: int = 64, heavy: bool = False):
@@ -56,7 +56,7 @@ def test_threshold_from_max_matches_sort(rows, n, t, ties, seed):
        ties=st.booleans(), seed=st.integers(0, 2**16))
 def test_threshold_on_candidates_is_the_full_row_newton_to_the_bit(rows, n, t, ties, seed):
     """The candidate-only search returns exactly the float32 tau of the full-row Newton search it replaced."""
-    from magr.projection import threshold_newton
+    from magr.core.projection import threshold_newton
 
     A = torch.rand(rows, n, generator=torch.Generator().manual_seed(seed))
     if ties:
@@ -69,11 +69,11 @@ def test_threshold_falls_back_to_the_full_search_when_a_set_moves(monkeypatch):
     A = torch.rand(5, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     real = kernels._newton_on_candidates
     monkeypatch.setattr(kernels, "_newton_on_candidates", lambda *a: (a[2], real(*a)[1]))  # stops too early
-    import magr.projection
+    import magr.core.projection
 
     calls = []
-    full = magr.projection.threshold_newton
-    monkeypatch.setattr(magr.projection, "threshold_newton", lambda *a, **k: calls.append(1) or full(*a, **k))
+    full = magr.core.projection.threshold_newton
+    monkeypatch.setattr(magr.core.projection, "threshold_newton", lambda *a, **k: calls.append(1) or full(*a, **k))
     tau = linf_threshold_from_max(A, 0.5)
     assert calls, "the exactness check did not send the search to the full rows"
     assert torch.allclose(tau, l1_threshold(A, 0.5, method="sort"), atol=1e-12)

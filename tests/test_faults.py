@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from magr.cli import main
-from magr.models import load_model
+from magr.pipeline.models import load_model
 
 HERE = Path(__file__).resolve().parent
 N_BLOCKS = 5  # stories260K
@@ -66,7 +66,7 @@ def model_folder(tmp_path_factory, shared):
     """stories260K saved as a plain model folder (with its tokenizer)."""
     import shutil
 
-    from magr.models import stories260k_path
+    from magr.pipeline.sources import stories260k_path
 
     folder = tmp_path_factory.mktemp("models") / "s260k"
     shutil.copytree(stories260k_path(), folder)
@@ -135,7 +135,7 @@ def test_damaged_checkpoint_is_named_discarded_and_recomputed(damage, reference,
 
 def test_ctrl_c_is_one_line_and_the_rerun_resumes(reference, tmp_path, capsys, monkeypatch):
     """Protection: Interrupted's message (what is saved, how to resume) instead of a traceback."""
-    import magr.pipeline as pipeline
+    import magr.pipeline.blocks as pipeline
 
     calls = []
     real = pipeline.quantize_block
@@ -160,9 +160,9 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(reference, tmp_path, capsys, m
 
 # ------------------------------------------------------------------------------- foreign checkpoints
 def _checkpoints_of(model, out, dtype=torch.float32):
-    from magr.calibration_data import Calibration
-    from magr.methods import QuantConfig
-    from magr.pipeline import quantize_model
+    from magr.pipeline.calibration_data import Calibration
+    from magr.core.methods import QuantConfig
+    from magr.pipeline.blocks import quantize_model
 
     net, tok = load_model(str(model), dtype=dtype)
     calib = Calibration("tinystories", 4, 64).tokens(tok)
@@ -212,7 +212,7 @@ def test_checkpoints_of_another_dtype_are_not_resumed(tmp_path, caplog):
                                           (float("inf"), "model.layers.0.self_attn.q_proj.weight")])
 def test_non_finite_weight_is_named_before_any_block(value, where, model_folder, tmp_path, capsys, monkeypatch):
     """Protection: preflight.check_finite."""
-    import magr.pipeline as pipeline
+    import magr.pipeline.blocks as pipeline
 
     bad = tmp_path / "bad"
     net, _ = load_model(str(model_folder))

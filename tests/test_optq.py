@@ -1,11 +1,11 @@
-"""OPTQ / GPTQ (magr.optq) against RTN and against a plain column-by-column reference."""
+"""OPTQ / GPTQ (magr.core.optq) against RTN and against a plain column-by-column reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from magr.optq import OPTQ
-from magr.quantizers import Grid, rtn
+from magr.core.optq import OPTQ
+from magr.core.quantizers import Grid, rtn
 
 
 def optq(W, H, bits=4, group_size=None, beta=1.0, blocksize=128, percdamp=0.01, actorder=False,

@@ -1,4 +1,4 @@
-"""Compiled OPTQ column loop (magr.optq_block) against the pure-torch loop: equal to the bit.
+"""Compiled OPTQ column loop (magr.core.optq_block) against the pure-torch loop: equal to the bit.
 
 The kernel performs the torch loop's float32 operations in the same order, so every integer code, every
 grid and every weight must be the same: the tests count differing codes and require none, on random
@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from magr import optq_block
-from magr.methods import QuantConfig
-from magr.optq import OPTQ, column_function, columns_torch, damped_inverse_cholesky
-from magr.optq_block import columns_cpu, compare_backends
-from magr.quantizers import Grid, default_beta
+from magr.core import optq_block
+from magr.core.methods import QuantConfig
+from magr.core.optq import OPTQ, column_function, columns_torch, damped_inverse_cholesky
+from magr.core.optq_block import columns_cpu, compare_backends
+from magr.core.quantizers import Grid, default_beta
 from test_optq import correlated_inputs
 
 CONFIGS = [  # (group_size, blocksize, OPTQ settings)
@@ -123,7 +123,7 @@ def test_the_comparison_can_fail(monkeypatch):
 def test_fallback_without_a_compiler(no_compiler, caplog):
     with pytest.raises(RuntimeError, match="optq_backend='compiled' cannot run on cpu: .*no-such-cc"):
         column_function("compiled", torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="magr.optq"):
+    with caplog.at_level(logging.WARNING, logger="magr.core.optq"):
         assert column_function("auto", torch.device("cpu")) is columns_torch
     assert "compiled OPTQ column loop unavailable" in caplog.text and "using the pure-torch loop" in caplog.text
     W, H = random_layer(2, out=8, n=16)
@@ -134,7 +134,7 @@ def test_fallback_without_a_compiler(no_compiler, caplog):
 def test_kernels_build_into_a_fresh_cache_and_a_shared_header_change_rebuilds(monkeypatch, tmp_path):
     import shutil
 
-    from magr import cbuild
+    from magr.core import cbuild
 
     csrc = tmp_path / "csrc"
     shutil.copytree(cbuild.CSRC, csrc)

@@ -1,4 +1,4 @@
-"""Dense LSB-first int32 packing (magr.packing) against a bit-by-bit reference and compressed-tensors."""
+"""Dense LSB-first int32 packing (magr.deploy.packing) against a bit-by-bit reference and compressed-tensors."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr.packing import pack_int32, packed_length, unpack_int32
+from magr.deploy.packing import pack_int32, packed_length, unpack_int32
 
 
 def ref_pack(codes: list[int], bits: int) -> list[int]:

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from magr.calibration import LayerStats
-from magr.evaluation import perplexity
-from magr.methods import PRESETS, QuantConfig
-from magr.models import LINEAR_NAMES, load_model
-from magr.persistence import load_quant_params, read_run, save_quantized, write_run
-from magr.pipeline import quantize_group, quantize_model
-from magr.fista import fast_iters_matching
-from magr.quantizers import quantize
+from magr.pipeline.calibration import LayerStats
+from magr.evaluation.perplexity import perplexity
+from magr.core.methods import PRESETS, QuantConfig
+from magr.pipeline.models import LINEAR_NAMES, load_model
+from magr.pipeline.persistence import load_quant_params, read_run, save_quantized, write_run
+from magr.pipeline.blocks import quantize_group, quantize_model
+from magr.core.fista import fast_iters_matching
+from magr.core.quantizers import quantize
 
 CALIB = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
 EVAL = torch.randint(3, 512, (2 * 64,), generator=torch.Generator().manual_seed(1))
@@ -49,8 +49,8 @@ def test_every_method_quantizes_every_linear_layer_onto_its_grid(method):
 
 
 def test_optq_reconstructs_better_than_rtn_and_groups_work():
-    from magr.calibration import walk_blocks
-    from magr.models import SEQUENTIAL_GROUPS
+    from magr.pipeline.calibration import walk_blocks
+    from magr.pipeline.models import SEQUENTIAL_GROUPS
 
     model, _ = load_model("stories260k")
     blk = next(walk_blocks(model, CALIB, "cpu"))
@@ -70,7 +70,7 @@ def test_optq_reconstructs_better_than_rtn_and_groups_work():
 
 
 def test_interrupted_run_resumes_from_block_checkpoints(tmp_path, monkeypatch):
-    import magr.pipeline as pipeline
+    import magr.pipeline.blocks as pipeline
 
     calls = []
     real = pipeline.quantize_group
@@ -219,8 +219,8 @@ def test_fast_magr_path_reaches_the_reference_objective_in_the_pipeline():
 
 def test_a_new_method_is_one_preset_row(monkeypatch):
     """MagR in front of a quantizer the package does not know: one row in PRESETS, no pipeline change."""
-    from magr.methods import Method
-    from magr.preprocessing import MagR
+    from magr.core.methods import Method
+    from magr.core.preprocessing import MagR
 
     def truncate(W, H, grid):  # a plain function quantizer: round towards zero on the grid
         p = grid.params(W)

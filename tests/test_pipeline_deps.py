@@ -2,7 +2,7 @@
 
 A stage runs library code when its command calls the `magr` CLI, or runs a notebook or a script that
 imports magr. Such a stage must list the package folder `magr` among its dependencies, so that editing any
-module (magr/projection.py, say) makes `dvc status` report the stage and `dvc repro` rerun it.
+module (magr/core/projection.py, say) makes `dvc status` report the stage and `dvc repro` rerun it.
 """
 from __future__ import annotations
 

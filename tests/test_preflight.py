@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from magr import preflight
+from magr.pipeline import preflight
 from magr.cli import main
-from magr.calibration_data import Calibration
-from magr.evaluation import Evaluation
-from magr.methods import QuantConfig
-from magr.persistence import atomic_open, dumps, write_json
+from magr.pipeline.calibration_data import Calibration
+from magr.evaluation.perplexity import Evaluation
+from magr.core.methods import QuantConfig
+from magr.pipeline.persistence import atomic_open, dumps, write_json
 from magr.runs import perplexity_run, quantize_run
 
 ARGS = ["--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--iters", "10", "--bits", "3"]
@@ -22,7 +22,7 @@ ARGS = ["--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--iters"
 @pytest.fixture
 def no_long_work(monkeypatch):
     """Fail the test if the weights are loaded or a block is quantized."""
-    import magr.pipeline as pipeline
+    import magr.pipeline.blocks as pipeline
     import magr.runs as runs
 
     monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
@@ -36,7 +36,7 @@ def _run(out, quant=None, **kw):
 
 # ------------------------------------------------------------------------------------- output folder
 def test_output_folder_checks(tmp_path, shared):
-    from magr.models import stories260k_path
+    from magr.pipeline.sources import stories260k_path
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -91,7 +91,7 @@ def test_bad_run_arguments_fail_before_loading(kw, message, tmp_path, no_long_wo
 
 
 def test_eval_text_shorter_than_one_window_fails_before_quantizing(tmp_path, monkeypatch, shared):
-    import magr.pipeline as pipeline
+    import magr.pipeline.blocks as pipeline
 
     monkeypatch.setattr(pipeline, "quantize_block", lambda *a: pytest.fail("a block was quantized"))
     short = tmp_path / "short.txt"
@@ -114,7 +114,7 @@ def test_check_finite_names_the_first_bad_tensor_and_index():
 
 
 def test_disk_space_estimate_matches_what_a_run_writes_and_is_checked(tmp_path, monkeypatch, shared):
-    from magr.models import load_model
+    from magr.pipeline.models import load_model
 
     net, _ = load_model("stories260k")
     out = tmp_path / "run"

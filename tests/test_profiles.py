@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from magr.calibration_data import Calibration
-from magr.evaluation import Evaluation
-from magr.methods import QuantConfig
+from magr.pipeline.calibration_data import Calibration
+from magr.evaluation.perplexity import Evaluation
+from magr.core.methods import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]

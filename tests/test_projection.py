@@ -1,4 +1,4 @@
-"""l1-ball projection and l_inf prox (magr.projection) against an independent float64 reference.
+"""l1-ball projection and l_inf prox (magr.core.projection) against an independent float64 reference.
 
 The reference finds the soft threshold tau of f(tau) = sum_i max(|v_i| - tau, 0) - r by bisection in
 numpy float64 down to adjacent floats (no sort, no closed form), so it shares no code with either
@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from magr.projection import l1_threshold, linf_norms, project_l1_ball, prox_linf
+from magr.core.projection import l1_threshold, linf_norms, project_l1_ball, prox_linf
 
 METHODS = ("sort", "newton")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

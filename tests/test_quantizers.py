@@ -1,4 +1,4 @@
-"""Uniform quantizer grids and RTN (magr.quantizers).
+"""Uniform quantizer grids and RTN (magr.core.quantizers).
 
 Grids are re-derived here from the documented formula with numpy float64, one row / group at a time:
 xmin = min(min w, 0), xmax = max(max w, 0), delta = beta * (xmax - xmin) / (2^b - 1),
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr.quantizers import Grid, QuantParams, default_beta, quantize, quantize_codes, rtn
+from magr.core.quantizers import Grid, QuantParams, default_beta, quantize, quantize_codes, rtn
 
 BITS = (2, 3, 4, 8)
 

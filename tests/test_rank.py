@@ -1,4 +1,4 @@
-"""Table 1's fraction rank (magr.rank) and Figure 1's MagR samples (magr.magnitudes) on real features."""
+"""Table 1's fraction rank (magr.reproduction.rank) and Figure 1's MagR samples (magr.reproduction.magnitudes) on real features."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magr import MagR, magnitudes, rank
-from magr.models import LINEAR_NAMES, parse_layers
+from magr import MagR
+from magr.reproduction import magnitudes, rank
+from magr.pipeline.models import LINEAR_NAMES, parse_layers
 
 
 # ------------------------------------------------------------------------------------------- Table 1
@@ -72,7 +73,7 @@ def test_summarize_and_rank_summary():
 
 
 def test_feature_rank_table_on_stories260k(stories260k, stories_tokenizer, data_root):
-    from magr.calibration_data import get_calibration
+    from magr.pipeline.calibration_data import get_calibration
 
     model, _ = stories260k
     calib = get_calibration("tinystories", stories_tokenizer, nsamples=3, seqlen=32, seed=0, data_root=data_root)
@@ -96,7 +97,7 @@ def test_feature_rank_table_on_stories260k(stories260k, stories_tokenizer, data_
 
 
 def test_magr_weight_samples_leave_the_model_unchanged(stories260k, stories_tokenizer, data_root):
-    from magr.calibration_data import get_calibration
+    from magr.pipeline.calibration_data import get_calibration
 
     model, _ = stories260k
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,12 +1,12 @@
-"""Coordinate-descent refinement (magr.refinement): never increases its objective, equals the column loop."""
+"""Coordinate-descent refinement (magr.core.refinement): never increases its objective, equals the column loop."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from magr.quantizers import Grid, default_beta, rtn
-from magr.refinement import CD, cd_covariance, cd_objective, cd_refine
+from magr.core.quantizers import Grid, default_beta, rtn
+from magr.core.refinement import CD, cd_covariance, cd_objective, cd_refine
 from test_quantizers import assert_on_grid
 
 DAMP, EPS = CD.damp, CD.eps  # the released code's constants (the dataclass defaults)

@@ -1,4 +1,4 @@
-"""MagR's published algorithm (magr.solver.magr_ista): monotone objective, magnitude reduction, limits."""
+"""MagR's published algorithm (magr.core.solver.magr_ista): monotone objective, magnitude reduction, limits."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from magr.projection import linf_norms
-from magr.solver import MagrInfo, lambda_max, magr_ista, magr_objective
+from magr.core.projection import linf_norms
+from magr.core.solver import MagrInfo, lambda_max, magr_ista, magr_objective
 
 
 def correlated_problem(seed: int, out: int = 16, n: int = 32, tokens: int = 128, dtype=torch.float64):
@@ -164,7 +164,7 @@ def test_info_and_dtypes():
 
 def test_zero_hessian_leaves_weight_unchanged(caplog):
     W = torch.randn(4, 6)
-    with caplog.at_level(logging.WARNING, logger="magr.solver"):
+    with caplog.at_level(logging.WARNING, logger="magr.core.solver"):
         out, info = magr_ista(W, torch.zeros(6, 6), 1e-3, 200, return_info=True)
     assert torch.equal(out, W)
     assert "unchanged" in caplog.text

@@ -1,4 +1,4 @@
-"""Tables 2-4 from run folders (magr.tables) and their Markdown / CSV output."""
+"""Tables 2-4 from run folders (magr.reproduction.tables) and their Markdown / CSV output."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,10 @@ import math
 import pandas as pd
 import pytest
 
-from magr import tables
-from magr.cells import load_cells, ordering_table, rerun_interval
-from magr.methods import QuantConfig
-from magr.persistence import write_run
+from magr.reproduction import tables
+from magr.reproduction.cells import load_cells, ordering_table, rerun_interval
+from magr.core.methods import QuantConfig
+from magr.pipeline.persistence import write_run
 
 
 # ------------------------------------------------------------------------------------- Tables 2-4
@@ -139,7 +139,7 @@ def test_write_table(tmp_path):
 def test_reproduction_check_reads_the_rerun_interval_and_flags_a_value_outside(tmp_path):
     """report_values takes a seed-averaged perplexity's stated uncertainty from its rerun interval; compare says
     "within" for a fresh mean inside it and "OUTSIDE" for one beyond, and RTN gets the exact rule."""
-    from magr.reproduction import compare, report_values
+    from magr.reproduction.reported import compare, report_values
 
     for seed, ppl in enumerate([10.0, 12.0, 11.0]):
         _write_cell(tmp_path / "cells" / "w3-optq", f"seed-{seed}", "optq", 3, None, ppl, seed=seed)

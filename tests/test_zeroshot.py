@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from magr import zeroshot as zs
+from magr.evaluation import zeroshot as zs
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402

@@ -44,13 +44,13 @@ def ckpt(model, out, dtype="float32", method="magr+optq"):
     """leave block checkpoints of `model` in out/.blocks (as an interrupted or earlier run does)"""
     py(f"""
 import torch
-from magr.models import load_model, DTYPES
-from magr.methods import QuantConfig
+from magr.pipeline.models import load_model, DTYPES
+from magr.core.methods import QuantConfig
 try:
-    from magr.calibration_data import Calibration  # this tree
+    from magr.pipeline.calibration_data import Calibration  # this tree
 except ImportError:
-    from magr.data import Calibration  # 54cbdd3 and the robustness branch
-from magr.pipeline import quantize_model
+    from magr.pipeline.data import Calibration  # 54cbdd3 and the robustness branch
+from magr.pipeline.blocks import quantize_model
 net, tok = load_model('{model}', dtype=DTYPES['{dtype}'])
 calib = Calibration('tinystories', 4, 64).tokens(tok)
 quantize_model(net, calib, QuantConfig.build(method='{method}', bits=3, iters=10), device='cpu', progress=False,
@@ -163,8 +163,8 @@ def calib_seqlen_context():
 def gemma2_masks():
     out = py("""
 import torch
-from magr.models import load_model
-from magr.calibration import walk_blocks
+from magr.pipeline.models import load_model
+from magr.pipeline.calibration import walk_blocks
 m, _ = load_model('/tmp/robust/models/gemma2')
 calib = torch.randint(3, 512, (2, 128), generator=torch.Generator().manual_seed(0))
 hs = m(calib, output_hidden_states=True).hidden_states

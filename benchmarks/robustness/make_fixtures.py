@@ -1,7 +1,8 @@
 """Fixture models for the before/after cases (written with whatever magr is on PYTHONPATH)."""
 import shutil, torch
 from pathlib import Path
-from magr.models import load_model, stories260k_path
+from magr.pipeline.models import load_model
+from magr.pipeline.sources import stories260k_path
 R = Path("/tmp/robust/models")
 model, tok = load_model("stories260k")
 def save(m, name):

@@ -1,0 +1,277 @@
+"""Deployable low-bit checkpoints: a quantized run packed into the GPTQ or compressed-tensors format.
+
+The run folder holds de-quantized weights w and grids (scale, zero, g_idx) per linear layer
+(:mod:`magr.pipeline.persistence`). The integer codes are recovered exactly and checked, before anything is written:
+
+    q = round(w / scale) + zero,   q in [0, 2^b - 1],   |scale * (q - zero) - w| <= tol
+
+(tol: half an ulp of the stored dtype at |w| plus 1e-5 * scale; a weight off its grid is refused), and every
+zero point must be an integer in [0, 2^b - 1] (with beta < 1 a row of mostly negative weights gets
+round(-xmin / delta) > 2^b - 1: ``Grid(clamp_zero=True)`` keeps it storable). Then, per linear layer
+(out x in, G groups; packing: :mod:`magr.deploy.packing`, along the dimension named):
+
+- ``gptq`` (``quant_method: gptq``; transformers + optimum + gptqmodel, vLLM's gptq kernels):
+  ``qweight`` int32 (ceil(in*b/32), out), the codes packed along in; ``qzeros`` int32 (G, ceil(out*b/32)),
+  the zero points packed along out, stored as zero - 1 in ``checkpoint_format: gptq`` (v1, read by every GPTQ
+  kernel; cannot hold a zero point of 0) or as they are in ``gptq_v2``; ``scales`` float16 (G, out);
+  ``g_idx`` int32 (in,), the group of each input; group_size -1 means per channel.
+- ``compressed-tensors`` (format ``pack-quantized``; transformers + compressed-tensors, vLLM):
+  ``weight_packed`` int32 (out, ceil(in*b/32)), the codes packed along in (compressed-tensors' signed code
+  q - 2^(b-1) plus its offset 2^(b-1) is our q); ``weight_scale`` float16 (out, G); ``weight_shape`` (out, in);
+  asymmetric grids add ``weight_zero_point`` int32 (ceil(out*b/32), G), zero points packed along out.
+
+The reloaded weight is fp16(scale) * (q - zero); ``Grid(fp16_scale=True)`` rounds scales to float16 while
+quantizing, so the exported model computes exactly the weights that were evaluated. Embeddings, norms and
+lm_head are stored in float16. The folder (config with ``quantization_config``, tokenizer, weights,
+``magr_export.json``) is written to a temporary sibling and renamed into place, so a failure leaves nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..pipeline.models import linear_shapes
+from .packing import pack_int32
+from ..pipeline.persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer, write_json
+from ..core.quantizers import Grid, QuantParams
+from ..core.settings import check_choice, setting
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gptq", "compressed-tensors")
+GPTQ_VERSIONS = ("auto", "v1", "v2")
+#: group sizes the GPTQ loaders' kernels accept (gptqmodel's torch kernel; -1 is per channel)
+GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+EXPORT_FILE = "magr_export.json"
+
+
+@dataclass(frozen=True)
+class Export:
+    """How a quantized run is written as a deployable checkpoint (module docstring)."""
+
+    format: str = setting("gptq", "checkpoint format: gptq or compressed-tensors", choices=FORMATS)
+    gptq_version: str = setting("auto", "GPTQ zero points: v1 (stored as zero - 1, read by every GPTQ kernel; "
+                                        "cannot hold a zero point of 0), v2 (as they are) or auto (v1 unless "
+                                        "some zero point is 0)", choices=GPTQ_VERSIONS)
+
+    def __post_init__(self):
+        check_choice("format", self.format, FORMATS)
+        check_choice("gptq_version", self.gptq_version, GPTQ_VERSIONS)
+
+
+@dataclass
+class LayerCodes:
+    """One linear layer on its grid: codes (out, in) and zero (out, G) int64, scale (out, G), g_idx (in,)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------- checks and codes
+def check_output_folder(out) -> Path:
+    """``out`` as a Path; ValueError if it exists and is not an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {out} exists and is not empty; choose a new folder or remove it")
+    return out
+
+
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
+    """The integer codes of a saved weight on its saved grid (module docstring), or ValueError naming the
+    layer, the row, the value and what is allowed."""
+    maxq = p.maxq
+    scale, zero = p.scale.float(), p.zero.float()
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        r, g = _first(~(torch.isfinite(scale) & (scale > 0)))
+        raise ValueError(f"{name}: row {r} group {g} has scale {float(scale[r, g])}; allowed: finite and > 0")
+    bad = (zero != zero.round()) | (zero < 0) | (zero > maxq)
+    if bad.any():
+        r, g = _first(bad)
+        raise ValueError(
+            f"{name}: row {r} group {g} has zero point {float(zero[r, g]):g}; packed formats store integers "
+            f"in [0, {maxq}] at {maxq.bit_length()} bits ({int(bad.sum())} of {bad.numel()} grids are outside). "
+            "With beta < 1 a row or group of mostly negative weights gets round(-min/delta) > 2^bits - 1: "
+            "quantize again with --clamp-zero (Grid(clamp_zero=True))")
+    Wf = W.float()
+    s, z = (t.float() for t in p.columns())
+    q = torch.round(Wf / s) + z
+    tol = torch.finfo(W.dtype).eps / 2 * Wf.abs() + 1e-5 * s
+    if bool((tol >= 0.5 * s).any()):
+        raise ValueError(f"{name}: weights stored in {W.dtype} cannot pin down {maxq.bit_length()}-bit codes; "
+                         "quantize with --dtype float32")
+    off = (q < 0) | (q > maxq) | ((s * (q - z) - Wf).abs() > tol)
+    if off.any():
+        r, c = _first(off)
+        raise ValueError(
+            f"{name}: weight [{r}, {c}] = {float(Wf[r, c]):.7g} is not on its saved grid (scale "
+            f"{float(s[r, c]):.7g}, zero {float(z[r, c]):g}, codes 0..{maxq}; {int(off.sum())} weights off): "
+            "the grids in the run folder are not the final ones; save the grids the weights were rounded to")
+    return LayerCodes(q.long(), scale, zero.long(), p.g_idx.long())
+
+
+def model_codes(model: nn.Module, params: dict[str, QuantParams]) -> dict[str, LayerCodes]:
+    """:func:`layer_codes` of every quantized layer; ValueError if a decoder linear layer has no grid."""
+    missing = sorted(set(linear_shapes(model)) - set(params))
+    if missing:
+        raise ValueError(f"no grid for {len(missing)} linear layer(s), e.g. {missing[0]}; every decoder linear "
+                         "layer must be quantized to export")
+    return {name: layer_codes(name, model.get_submodule(name).weight.data.cpu(), params[name].cpu())
+            for name in sorted(params)}
+
+
+def _trivial_g_idx(lc: LayerCodes) -> bool:
+    n, groups = lc.codes.shape[1], lc.scale.shape[1]
+    return torch.equal(lc.g_idx, torch.arange(n) // (n // groups))
+
+
+def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, int]]) -> None:
+    """Fail before any work when the format cannot hold this grid on layers of these (out, in) shapes."""
+    if export.format == "gptq":
+        if grid.group_size is not None and grid.group_size not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"group_size {grid.group_size} cannot be loaded as GPTQ; allowed: per channel or "
+                             f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
+        if grid.bits == 3:
+            for name, (out, n) in shapes.items():
+                if out % 32 or n % 32:
+                    raise ValueError(f"{name} is {out} x {n}: 3-bit GPTQ needs both widths to be multiples of 32 "
+                                     "(loaders unpack 32 codes from 3 words); allowed: 2, 4 or 8 bits, or "
+                                     "the compressed-tensors format")
+
+
+# -------------------------------------------------------------------------------------------- writers
+def _gptq_version(export: Export, codes: dict[str, LayerCodes]) -> str:
+    name = next((n for n, lc in codes.items() if bool((lc.zero == 0).any())), None)  # first layer with a zero 0
+    has_zero0 = name is not None
+    if export.gptq_version == "v1" and has_zero0:
+        r, g = _first(codes[name].zero == 0)
+        raise ValueError(f"{name}: row {r} group {g} has zero point 0, which GPTQ v1 (stores zero - 1) cannot "
+                         "hold; allowed with v1: zero points 1..2^bits-1; use --gptq-version v2 or auto")
+    version = "v2" if export.gptq_version == "v2" or has_zero0 else "v1"
+    if version == "v2" and export.gptq_version == "auto":
+        log.warning("some zero point is 0: writing checkpoint_format gptq_v2 (vLLM reads it with its gptq kernel)")
+    return version
+
+
+def gptq_tensors(name: str, lc: LayerCodes, bits: int, version: str) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one layer (module docstring)."""
+    zeros = lc.zero - 1 if version == "v1" else lc.zero
+    return {f"{name}.qweight": pack_int32(lc.codes, bits).T.contiguous(),
+            f"{name}.qzeros": pack_int32(zeros.T, bits).contiguous(),
+            f"{name}.scales": lc.scale.T.to(torch.float16).contiguous(),
+            f"{name}.g_idx": lc.g_idx.to(torch.int32).contiguous()}
+
+
+def ct_tensors(name: str, lc: LayerCodes, bits: int, sym: bool) -> dict[str, torch.Tensor]:
+    """The compressed-tensors ``pack-quantized`` tensors of one layer (module docstring)."""
+    out = {f"{name}.weight_packed": pack_int32(lc.codes, bits),
+           f"{name}.weight_scale": lc.scale.to(torch.float16).contiguous(),
+           f"{name}.weight_shape": torch.tensor(list(lc.codes.shape), dtype=torch.int64)}
+    if not sym:
+        out[f"{name}.weight_zero_point"] = pack_int32(lc.zero.T, bits).T.contiguous()
+    return out
+
+
+def quantization_config(grid: Grid, export: Export, version: str, desc_act: bool) -> dict:
+    """The ``quantization_config`` entry of config.json for this grid and format."""
+    if export.format == "gptq":
+        return {"quant_method": "gptq", "bits": grid.bits, "group_size": grid.group_size or -1,
+                "desc_act": desc_act, "sym": grid.sym, "lm_head": False, "pack_dtype": "int32",
+                "checkpoint_format": "gptq_v2" if version == "v2" else "gptq",
+                "meta": {"quantizer": ["magr"]}}
+    weights = {"num_bits": grid.bits, "type": "int", "symmetric": grid.sym, "dynamic": False, "actorder": None,
+               "strategy": "group" if grid.group_size else "channel", "group_size": grid.group_size,
+               "block_structure": None, "observer": "minmax"}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
+
+
+def _float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer saved by save_pretrained except the quantized weights, in float16."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    skip = {f"{n}.weight" for n in quantized}
+    return {k: (v.to(torch.float16) if v.is_floating_point() else v).cpu().contiguous()
+            for k, v in state.items() if k not in skip}
+
+
+def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], grid: Grid, out,
+                 export: Export = Export(), source: str | None = None) -> Path:
+    """Write ``model`` (its linear layers on the grids ``params``) as a checkpoint in ``export.format``."""
+    from safetensors.torch import save_file
+
+    out = check_output_folder(out)
+    check_exportable(grid, export, linear_shapes(model))
+    codes = model_codes(model, params)
+    desc_act = not all(_trivial_g_idx(lc) for lc in codes.values())
+    if desc_act and export.format == "compressed-tensors":
+        raise ValueError("this run's g_idx is permuted (act-order with static groups); compressed-tensors export "
+                         "takes g_idx = input // group_size only; allowed: --format gptq")
+    version = _gptq_version(export, codes) if export.format == "gptq" else None
+    tensors = _float_tensors(model, set(codes))
+    for name, lc in codes.items():
+        bias = model.get_submodule(name).bias
+        if export.format == "gptq":
+            tensors.update(gptq_tensors(name, lc, grid.bits, version))
+        else:
+            tensors.update(ct_tensors(name, lc, grid.bits, grid.sym))
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.data.to(torch.float16).cpu()
+    qcfg = quantization_config(grid, export, version, desc_act)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.quantization_config = qcfg
+        config.dtype = torch.float16
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if export.format == "gptq":
+            write_json(tmp / "quantize_config.json", qcfg)
+        save_tokenizer(tokenizer, tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"format": export.format, "export": asdict(export), "grid": asdict(grid), "source": source,
+                "quantization_config": qcfg, "layers": len(codes)}
+        write_json(tmp / EXPORT_FILE, meta)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %d layers as %s to %s", len(codes), export.format, out)
+    return out
+
+
+def export_run(run_dir, out, export: Export = Export()) -> Path:
+    """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``."""
+    from ..pipeline.models import DTYPES, load_model
+
+    run_dir = Path(run_dir)
+    check_output_folder(out)
+    run = read_run(run_dir)
+    if not (run_dir / PARAMS_FILE).is_file():
+        raise FileNotFoundError(f"no grids ({PARAMS_FILE}) in {run_dir}: the run was quantized without saving "
+                                "the model; rerun `magr quantize` without --no-save")
+    grid = Grid(**run["config"]["grid"])
+    params = load_quant_params(run_dir)
+    # in the run's dtype: weights saved in float16 carry its rounding, which the on-grid check allows for
+    model, tokenizer = load_model(str(run_dir), dtype=DTYPES[run.get("dtype", "float32")])
+    return export_model(model, tokenizer, params, grid, out, export, source=str(run_dir))

@@ -1,1 +1,0 @@
-"""lm-eval task files (YAML) for the zero-shot tasks on local data; see magr.zeroshot."""
