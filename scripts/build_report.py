@@ -40,13 +40,20 @@ SECTIONS = [
 ]
 # Committed results measured outside the pipeline (too slow for the default profile); shown when present.
 EXTRA_SECTIONS = [
-    ("Table 2 with more calibration tokens (outside the pipeline)", "calibration_size.md", [],
-     "Why OPTQ trails RTN in the default's Table 2: the same cells with more calibration windows "
+    ("Forward dtype: float32 vs half precision (outside the pipeline)", "forward_dtype.md", [],
+     "The profile's forward dtype against float32 forwards on the same windows and calibration tokens "
+     "(benchmarks/forward_dtype_cells.py; speed per forward: benchmarks/forward_dtype.py, benchmarks/NOTES.md)."),
+    ("MagR's solver against the released 200 ISTA iterations (outside the pipeline)", "magr_solver.md", [],
+     "The objective F of paper eq. (3) reached by the profile's MagR solver on every layer of the model, relative "
+     "to the released procedure (benchmarks/bench_magr_layers.py)."),
+    ("Earlier default: Table 2 with more calibration tokens (outside the pipeline)", "calibration_size.md", [],
+     "Measured with the earlier default profile (4 x 512 calibration tokens, 14 FISTA iterations, float32 "
+     "forwards), before issue 19: why OPTQ trailed RTN there: the same cells with more calibration windows "
      "(benchmarks/calibration_size.py; its command and settings are in the section)."),
-    ("MagR+RTN at W3: which setting costs it (outside the pipeline)", "magr_rtn_settings.md", [],
-     "Why MagR+RTN trails RTN in the default's Table 2: RTN with MagR+RTN's clipping (beta 0.9 at 3 bits, the "
-     "released convention), MagR+RTN without it, and MagR+RTN with 48 FISTA iterations (the objective of the "
-     "released 200 ISTA iterations) instead of 14; one seed each (benchmarks/calibration_size.py)."),
+    ("Earlier default: MagR+RTN at W3, which setting cost it (outside the pipeline)", "magr_rtn_settings.md", [],
+     "Measured with the earlier default profile (before issue 19): RTN with MagR+RTN's clipping (beta 0.9 at 3 "
+     "bits, the released convention), MagR+RTN without it, and MagR+RTN with 48 FISTA iterations (the objective "
+     "of the released 200 ISTA iterations) instead of 14; one seed each (benchmarks/calibration_size.py)."),
     ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
      "Every item of the four sets, measured with benchmarks/zeroshot_cells.py and merged by "
      "benchmarks/zeroshot_table.py (settings above; the JSON files are in reports/zeroshot_full/)."),
@@ -80,7 +87,8 @@ Conventions of the released code (shared/docs/method-notes.md) and where this ru
 | plain RTN / OPTQ baselines (beta 1, no coordinate descent) | presets `rtn`, `optq` (beta 1) |
 | MagR methods: beta 0.8 / 0.9 / 1 at 2 / 3 / 4 bits, 0.95 at g128, 1 at g64 | presets `magr+*` |
 | MagR's X = the last calibration sample, normalised to lambda_max = 1, alpha 1e-3 / 1e-4 | `feature_source: last_sample`, `alpha` |
-| 200 ISTA iterations (paper text: 150) | `solver: ista` (the GPU profiles); the CPU default runs the FISTA solver with the iterations the settings table names, labelled in every table (it reaches a lower objective than the same budget of ISTA, benchmarks/NOTES.md) |
+| 200 ISTA iterations (paper text: 150) | `solver: ista` (the GPU profiles); the CPU default runs the solver and iterations the settings table names, labelled in every table, checked to reach at least the objective of 200 ISTA iterations on every layer (section "MagR's solver" below) |
+| models run in float16 | the profile's `forward_dtype` for every forward (calibration propagation, evaluation, zero-shot): float16 on GPUs, bfloat16 in the CPU profiles (CPU float16 matmuls are emulated, slower than float32: benchmarks/NOTES.md); the statistics H and MagR / OPTQ / CD run in float32 on the float32 weights |
 | OPTQ per-group grid fitted on the block-start weights (GPTQ's code) | `group_grid: block_start` (default) |
 | coordinate descent after MagR+OPTQ: 1 pass, 30 at 2 bits; covariance damped 0.75 and normalised + 0.1 | `CD` defaults |
 | calibration: Python `random`, C4 window inside a random document longer than seqlen, WikiText-2 windows of the "\\n\\n"-joined train text | `sampler: released`; offline, the C4 train slice (1041 documents) and the WikiText-2 validation text stand in for the hub splits |
@@ -104,6 +112,8 @@ def settings_table(params: dict) -> str:
         ("profile", params.get("profile")),
         ("model", f"{params['prepare']['source']} (saved as {params['model']}, {params['prepare']['dtype']})"),
         ("device", params.get("device")),
+        ("forward dtype", f"{params.get('forward_dtype', params['prepare']['dtype'])} (calibration propagation, "
+                          "evaluation, zero-shot; the math in float32)"),
         ("calibration", "{nsamples} windows x {seqlen} tokens of {calib}, {sampler} sampler".format(**cal)
                         + f"; seeds {params.get('spread', {}).get('seeds', [cal.get('seed')])}"),
         ("perplexity", ", ".join(f"{k} {v}" for k, v in ev.items())),
