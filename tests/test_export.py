@@ -127,7 +127,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, stories260k, capsys
     assert main(["export", str(run), "--format", "gptq", "--out", str(tmp_path / "e")]) == 2
     assert f"no grids ({PARAMS_FILE}) in {run}" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "full"), "--out", str(tmp_path / "e")]) == 2
-    assert "no magr_run.json" in capsys.readouterr().err
+    assert "no magr_run.json in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "e")])
     assert "invalid choice: 'gguf'" in capsys.readouterr().err

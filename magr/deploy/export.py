@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..pipeline.models import linear_shapes
 from .packing import pack_int32
-from ..pipeline.persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer, write_json
+from ..pipeline.persistence import PARAMS_FILE, load_quant_params, lock_problem, read_run, save_tokenizer, write_json
 from ..core.quantizers import Grid, QuantParams
 from ..core.settings import check_choice, setting
 
@@ -264,12 +264,18 @@ def export_run(run_dir, out, export: Export = Export()) -> Path:
     """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``."""
     from ..pipeline.models import DTYPES, load_model
 
+    from ..pipeline.preflight import check_weight_files
+
     run_dir = Path(run_dir)
     check_output_folder(out)
+    busy = lock_problem(run_dir)  # a run writing into it now (or killed while it did)
+    if busy is not None:
+        raise ValueError(busy)
     run = read_run(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"no grids ({PARAMS_FILE}) in {run_dir}: the run was quantized without saving "
                                 "the model; rerun `magr quantize` without --no-save")
+    check_weight_files(str(run_dir))
     grid = Grid(**run["config"]["grid"])
     params = load_quant_params(run_dir)
     # in the run's dtype: weights saved in float16 carry its rounding, which the on-grid check allows for
