@@ -169,7 +169,7 @@ def missing_run_file(folder) -> Exception:
         again = f"`magr quantize --model {source} ... --out NEW_FOLDER`" if source else "`magr quantize ... --out NEW_FOLDER`"
         return ValueError(f"{folder} is a run folder of an older magr ({old[0]}, no {RUN_FILE}): this magr reads only "
                           f"the run format with {RUN_FILE}; quantize the model again into a new folder, {again}, "
-                          "and export that (the old folder is left as it is)")
+                          "and use that one (the old folder is left as it is)")
     if any((folder / name).exists() for name in (PARAMS_FILE, RECORDS_FILE, CHECKPOINT_FOLDER)):
         return ValueError(f"{folder} holds an unfinished run (no {RUN_FILE}: stopped before its metadata was "
                           "written): rerun the `magr quantize` command that wrote it to finish it")
