@@ -30,7 +30,7 @@ from .pipeline.checkpoints import RESUME_POLICIES
 from .evaluation.perplexity import Evaluation
 from .deploy.export import FORMATS, GPTQ_VERSIONS, Export
 from .core.methods import PRESETS, setting_names
-from .pipeline.models import DTYPES
+from .pipeline.models import DTYPES, hide_unused_imports
 from .pipeline.persistence import dumps, write_json
 from .pipeline.preflight import check_writable
 from .core.settings import flat_fields
@@ -198,6 +198,7 @@ def _terminated(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    hide_unused_imports()  # no command uses torchao; transformers would import it (and its warnings) anyway
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     commands = {"quantize": cmd_quantize, "export": cmd_export, "ppl": cmd_ppl, "zeroshot": cmd_zeroshot}

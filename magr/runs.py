@@ -17,7 +17,7 @@ from .evaluation.perplexity import Evaluation
 from .deploy.export import Export, check_exportable, check_output_folder, export_model
 from .core.methods import QuantConfig
 from .pipeline.models import DTYPES, linear_shapes, load_model, resolve_device
-from .pipeline.persistence import retire_run, save_quantized, write_run
+from .pipeline.persistence import retire_run, run_lock, save_quantized, write_run
 from .pipeline.blocks import Interrupted, quantize_model
 from .core.settings import check_choice
 from .pipeline.machine import NATIVE_HALF, native_half
@@ -67,6 +67,14 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
     ckpt = preflight.default_checkpoint_dir(out, save, checkpoint_dir)
     preflight.check_output(out, model, ckpt, save)
     check_choice("resume", resume, RESUME_POLICIES)
+    with run_lock(out):  # a second run into `out` refuses from here until this one ends
+        return _quantize_locked(model, out, quant, calibration, evaluation, dtype, dev, forward, data_root, save, ckpt,
+                                progress, resume, keep_checkpoints, export, streams)
+
+
+def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, dev, forward, data_root, save, ckpt,
+                     progress, resume, keep_checkpoints, export, streams) -> dict:
+    """:func:`quantize_run` once ``out`` is checked and locked: the remaining checks, then the work."""
     if export is not None:
         if not save:
             raise ValueError(f"save_format={export.format!r} needs the model saved; drop --no-save")
@@ -78,6 +86,7 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
         if export is not None:
             check_exportable(quant.grid, export, linear_shapes(net))
 
+    preflight.check_weight_files(model)  # a truncated or damaged model.safetensors (or shard)
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])  # config only: no weights read yet
     if skeleton is not None:
         check(skeleton)
@@ -152,6 +161,7 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     if not evaluation.eval_sets:
         raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
     evaluation.check(data_root)
+    preflight.check_weight_files(model)
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])
     if skeleton is not None:
         preflight.check_context(skeleton, evaluation.eval_seqlen, "eval_seqlen")

@@ -46,6 +46,16 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+def clear_stale_lock(out: Path, capsys) -> None:
+    """A SIGKILL leaves the run's lock: the rerun refuses, naming it and how to remove it; the user removes it."""
+    lock = out / ".magr.lock"
+    assert lock.is_file()
+    capsys.readouterr()
+    assert quantize(out) == 2
+    assert f"stale lock {lock} of a run that no longer runs" in capsys.readouterr().err
+    lock.unlink()
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -75,13 +85,14 @@ def model_folder(tmp_path_factory, shared):
 
 # ------------------------------------------------------------------------------- kills and resumes
 @pytest.mark.parametrize("method", ["rtn", "optq", "magr+optq", "magr+optq-cd"])
-def test_sigkill_at_a_random_block_then_resume_is_bit_identical(method, reference, tmp_path):
+def test_sigkill_at_a_random_block_then_resume_is_bit_identical(method, reference, tmp_path, capsys):
     """Protection: block checkpoints with a resume key (a rerun continues where the kill stopped)."""
     block = random.randrange(N_BLOCKS - 1)
     out = tmp_path / "run"
     killed = run_with_fault("kill-after", block, out, "--method", method, "--cd-passes", "2")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in (out / ".blocks").glob("*.json")) == [f"block_{i:03d}.json" for i in range(block + 1)]
+    clear_stale_lock(out, capsys)
     assert quantize(out, "--method", method, "--cd-passes", "2") == 0
     run = json.loads((out / "magr_run.json").read_text())
     assert run["resumed_blocks"] == list(range(block + 1)), f"killed after block {block}"
@@ -89,7 +100,7 @@ def test_sigkill_at_a_random_block_then_resume_is_bit_identical(method, referenc
     assert not (out / ".blocks").exists()  # removed after success
 
 
-def test_kill_in_the_middle_of_a_checkpoint_write_then_resume(reference, tmp_path):
+def test_kill_in_the_middle_of_a_checkpoint_write_then_resume(reference, tmp_path, capsys):
     """Protection: atomic writes (temporary name, fsync, rename): a half-written file never has a final name."""
     block = random.randrange(1, N_BLOCKS)
     out = tmp_path / "run"
@@ -97,6 +108,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write_then_resume(reference, tmp_pat
     assert killed.returncode == -9, killed.stderr[-2000:]
     names = sorted(p.name for p in (out / ".blocks").iterdir() if not p.name.startswith("."))
     assert names == [f"block_{i:03d}.{s}" for i in range(block) for s in ("json", "pt")], f"killed in block {block}"
+    clear_stale_lock(out, capsys)
     assert quantize(out, "--method", "magr+optq", "--cd-passes", "2") == 0
     assert json.loads((out / "magr_run.json").read_text())["resumed_blocks"] == list(range(block))
     assert_same_run(out, reference["magr+optq"])

@@ -20,6 +20,9 @@ round(-xmin / delta) > 2^b - 1: ``Grid(clamp_zero=True)`` keeps it storable). Th
   q - 2^(b-1) plus its offset 2^(b-1) is our q); ``weight_scale`` float16 (out, G); ``weight_shape`` (out, in);
   asymmetric grids add ``weight_zero_point`` int32 (ceil(out*b/32), G), zero points packed along out.
 
+- ``gguf`` (llama.cpp, ollama): ``model.gguf`` with 4-bit asymmetric grids as Q4_1 and 8-bit symmetric ones
+  as Q8_0, per channel or per group of a multiple of 32 (:mod:`magr.deploy.llamacpp`; other grids refused).
+
 The reloaded weight is fp16(scale) * (q - zero); ``Grid(fp16_scale=True)`` rounds scales to float16 while
 quantizing, so the exported model computes exactly the weights that were evaluated. Embeddings, norms and
 lm_head are stored in float16. The folder (config with ``quantization_config``, tokenizer, weights,
@@ -39,13 +42,13 @@ import torch.nn as nn
 
 from ..pipeline.models import linear_shapes
 from .packing import pack_int32
-from ..pipeline.persistence import PARAMS_FILE, load_quant_params, read_run, save_tokenizer, write_json
+from ..pipeline.persistence import PARAMS_FILE, load_quant_params, lock_problem, read_run, save_tokenizer, write_json
 from ..core.quantizers import Grid, QuantParams
 from ..core.settings import check_choice, setting
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("gptq", "compressed-tensors")
+FORMATS = ("gptq", "compressed-tensors", "gguf")
 GPTQ_VERSIONS = ("auto", "v1", "v2")
 #: group sizes the GPTQ loaders' kernels accept (gptqmodel's torch kernel; -1 is per channel)
 GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -56,7 +59,8 @@ EXPORT_FILE = "magr_export.json"
 class Export:
     """How a quantized run is written as a deployable checkpoint (module docstring)."""
 
-    format: str = setting("gptq", "checkpoint format: gptq or compressed-tensors", choices=FORMATS)
+    format: str = setting("gptq", "checkpoint format: gptq, compressed-tensors, or gguf (llama.cpp: 4-bit asymmetric "
+                                  "grids as Q4_1, 8-bit symmetric as Q8_0)", choices=FORMATS)
     gptq_version: str = setting("auto", "GPTQ zero points: v1 (stored as zero - 1, read by every GPTQ kernel; "
                                         "cannot hold a zero point of 0), v2 (as they are) or auto (v1 unless "
                                         "some zero point is 0)", choices=GPTQ_VERSIONS)
@@ -139,6 +143,11 @@ def _trivial_g_idx(lc: LayerCodes) -> bool:
 
 def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, int]]) -> None:
     """Fail before any work when the format cannot hold this grid on layers of these (out, in) shapes."""
+    if export.format == "gguf":
+        from .llamacpp import check_gguf_shapes, gguf_type
+
+        gguf_type(grid)
+        check_gguf_shapes(shapes)
     if export.format == "gptq":
         if grid.group_size is not None and grid.group_size not in GPTQ_GROUP_SIZES:
             raise ValueError(f"group_size {grid.group_size} cannot be loaded as GPTQ; allowed: per channel or "
@@ -222,6 +231,11 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
     if desc_act and export.format == "compressed-tensors":
         raise ValueError("this run's g_idx is permuted (act-order with static groups); compressed-tensors export "
                          "takes g_idx = input // group_size only; allowed: --format gptq")
+    if export.format == "gguf":
+        if desc_act:
+            raise ValueError("this run's g_idx is permuted (act-order with static groups); GGUF blocks take "
+                             "g_idx = input // group_size only; allowed: --format gptq")
+        return _write_gguf_folder(model, tokenizer, codes, grid, out, export, source)
     version = _gptq_version(export, codes) if export.format == "gptq" else None
     tensors = _float_tensors(model, set(codes))
     for name, lc in codes.items():
@@ -260,16 +274,64 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
     return out
 
 
+def _tokenizer_folders(stage: Path, source: str | None) -> list[Path]:
+    """Where the GGUF writer looks for tokenizer files: the staged export, the run folder, its source model."""
+    import json
+
+    from ..pipeline.models import model_source
+    from ..pipeline.persistence import RUN_FILE
+
+    folders = [stage]
+    if source:
+        folders.append(Path(source))
+        run_file = Path(source) / RUN_FILE
+        if run_file.is_file():
+            kind, where = model_source(json.loads(run_file.read_text())["model"])
+            if kind == "folder":
+                folders.append(Path(where))
+    return folders
+
+
+def _write_gguf_folder(model, tokenizer, codes, grid, out: Path, export: Export, source) -> Path:
+    """The GGUF file (:mod:`magr.deploy.llamacpp`), read back and checked, with its tokenizer and
+    ``magr_export.json``, written to a temporary sibling and renamed into place."""
+    from .llamacpp import GGUF_FILE, check_gguf, write_gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_tokenizer(tokenizer, tmp)
+        written = write_gguf(model, codes, grid, tmp / GGUF_FILE, _tokenizer_folders(tmp, source))
+        check = check_gguf(tmp / GGUF_FILE, model, codes, grid)
+        write_json(tmp / EXPORT_FILE, {"format": "gguf", "export": asdict(export), "grid": asdict(grid),
+                                       "source": source, "layers": len(codes), **written, "read_back": check})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %d layers as GGUF %s to %s (read back: max |difference| %.3g)", len(codes),
+             written["gguf_type"], out / GGUF_FILE, check["max_abs_diff"])
+    return out
+
+
 def export_run(run_dir, out, export: Export = Export()) -> Path:
     """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``."""
     from ..pipeline.models import DTYPES, load_model
 
+    from ..pipeline.preflight import check_weight_files
+
     run_dir = Path(run_dir)
     check_output_folder(out)
+    busy = lock_problem(run_dir)  # a run writing into it now (or killed while it did)
+    if busy is not None:
+        raise ValueError(busy)
     run = read_run(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"no grids ({PARAMS_FILE}) in {run_dir}: the run was quantized without saving "
                                 "the model; rerun `magr quantize` without --no-save")
+    check_weight_files(str(run_dir))
     grid = Grid(**run["config"]["grid"])
     params = load_quant_params(run_dir)
     # in the run's dtype: weights saved in float16 carry its rounding, which the on-grid check allows for

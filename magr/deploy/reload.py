@@ -27,6 +27,9 @@ def load_exported(folder, dtype: torch.dtype = torch.float16, gptq_backend: str 
     default: gptqmodel's choice), run eagerly. compressed-tensors checkpoints are de-quantized while loading."""
     from transformers import AutoModelForCausalLM
 
+    from ..pipeline.models import allow_unused_imports
+
+    allow_unused_imports()  # the loaders may use every package they find
     info = export_info(folder)
     fmt = info["format"]
     kw = {}

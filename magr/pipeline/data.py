@@ -19,6 +19,7 @@ evaluates the remaining part only.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -86,9 +87,46 @@ def offline_file(root: Path, source: str, split: str) -> Path:
     return path
 
 
+#: the encoding of every text file read (local .txt / .jsonl files and the offline copies)
+ENCODING = "utf-8"
+
+
+def decode_error(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    """A ValueError naming the file, the byte offset and line of the first byte that is not UTF-8, and the fix.
+
+    ``exc`` may come from a streamed read (its offsets relative to a chunk): the file is decoded again whole
+    to find the offset in the file."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode(ENCODING)
+        start = exc.start
+    except UnicodeDecodeError as whole:
+        start = whole.start
+    line = data.count(b"\n", 0, start) + 1
+    return ValueError(f"{path} is not {ENCODING.upper()} text: byte 0x{data[start]:02x} at byte offset {start} "
+                      f"(line {line}) cannot be decoded; accepted encoding: UTF-8 (ASCII is UTF-8); convert the file, "
+                      f"e.g. `iconv -f latin1 -t utf-8 {path} > converted{Path(path).suffix}`")
+
+
+def read_text(path: Path, newline: str | None = None) -> str:
+    """The whole text of ``path`` decoded as UTF-8 (:func:`decode_error` if it is not); ``newline`` as open()'s."""
+    try:
+        with open(path, encoding=ENCODING, newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, exc) from None
+
+
 def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
+    try:
+        return _jsonl_texts(path, limit)
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, exc) from None
+
+
+def _jsonl_texts(path: Path, limit: int | None) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -106,7 +144,7 @@ def wikitext_rows(path: Path) -> list[str]:
 
     (The hub rows end with "\\n"; the hub's 1467 empty rows are missing here, see MANIFEST.)
     """
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path, newline=""), newline="") as f:
         return [line.rstrip("\r\n") + "\n" for line in f]
 
 
@@ -147,7 +185,7 @@ def local_text(path: Path) -> str:
     """A .txt file's whole text, or a .jsonl file's "text" fields joined by blank lines."""
     if path.suffix == ".jsonl":
         return "\n\n".join(read_jsonl_texts(path))
-    return path.read_text(encoding="utf-8")
+    return read_text(path)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -199,7 +237,7 @@ def tinystories_text(root: Path | None) -> str:
     if root is not None:
         f = offline_file(root, "tinystories", "validation")
         log.info("tinystories: using the offline copy %s (validation split)", f)
-        return f.read_text(encoding="utf-8")
+        return read_text(f)
     from datasets import load_dataset
 
     return "\n\n".join(load_dataset(HUB_TINYSTORIES, split="validation")["text"])

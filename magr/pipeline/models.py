@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +49,29 @@ LINEAR_NAMES = tuple(name for group in SEQUENTIAL_GROUPS for name in group)
 
 
 # ------------------------------------------------------------------------------------------- loading
+#: Installed packages that transformers imports whenever they are present (``transformers.quantizers``, on the
+#: first model load), though loading a float model does not use them: torchao (required by gptqmodel, the
+#: ``export`` extra) prints five warning lines at import (missing CUDA libraries, torch pytree deprecations).
+UNUSED_IMPORTS = ("torchao",)
+
+
+def hide_unused_imports() -> None:
+    """Make the packages of :data:`UNUSED_IMPORTS` look absent to this process (a ``None`` entry in
+    ``sys.modules``: ``importlib.util.find_spec`` returns None and ``import`` raises ImportError), so that
+    transformers skips them. The CLI calls it: its commands load float models and write checkpoints, and never
+    need them (gptqmodel imports torchao only optionally, for its FP4 kernels). A package already imported is
+    left alone; :func:`allow_unused_imports` undoes it."""
+    for name in UNUSED_IMPORTS:
+        sys.modules.setdefault(name, None)
+
+
+def allow_unused_imports() -> None:
+    """Undo :func:`hide_unused_imports` (for the reloaders of exported checkpoints)."""
+    for name in UNUSED_IMPORTS:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
 def _from_gguf(gguf: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,9 @@ A run folder holds
   ``magr_qparams.safetensors`` (scale, zero, g_idx of every layer: the integer codes are
   round(w / scale) + zero);
 - ``.blocks/``: one checkpoint per finished block while the run goes on (:mod:`magr.pipeline.checkpoints`), removed
-  after success unless kept.
+  after success unless kept;
+- ``.magr.lock`` while a run writes into the folder (:func:`run_lock`): the holder's pid, host, start time and
+  command, so that a second run into the same folder refuses instead of overwriting the first one's files.
 
 Every file is written atomically (:func:`atomic_open`: a temporary name in the same folder, fsync, rename), so
 a crash, a full disk or a kill leaves either the old file or the new one, never a truncated one; JSON is
@@ -21,7 +23,10 @@ import logging
 import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,8 +41,11 @@ RUN_FILE = "magr_run.json"
 RECORDS_FILE = "magr_layers.json"
 PARAMS_FILE = "magr_qparams.safetensors"
 CHECKPOINT_FOLDER = ".blocks"
+LOCK_FILE = ".magr.lock"
 #: What marks a folder as a run folder (one that ``magr quantize --out`` may write into again).
-RUN_MARKERS = (RUN_FILE, RECORDS_FILE, PARAMS_FILE, CHECKPOINT_FOLDER)
+RUN_MARKERS = (RUN_FILE, RECORDS_FILE, PARAMS_FILE, CHECKPOINT_FOLDER, LOCK_FILE)
+#: The metadata files of run folders written by magr before ``magr_run.json`` existed (commit e660314).
+OLD_RUN_FILES = ("magr_quantization.json", "magr_summary.json")
 
 
 # -------------------------------------------------------------------------------------- atomic writes
@@ -150,12 +158,42 @@ def _read_json(path: Path):
         raise ValueError(f"{path} is damaged (not valid JSON: {exc}); rerun the command that wrote it") from None
 
 
+def missing_run_file(folder) -> Exception:
+    """The error for a folder without ``magr_run.json``: an older magr's run format (ValueError: quantize
+    again into a new folder, the old one is kept), a run stopped before its metadata was written (rerun its
+    command), or no run at all (FileNotFoundError)."""
+    folder = Path(folder)
+    old = [name for name in OLD_RUN_FILES if (folder / name).is_file()]
+    if old:
+        source = _old_source(folder / old[0])
+        again = f"`magr quantize --model {source} ... --out NEW_FOLDER`" if source else "`magr quantize ... --out NEW_FOLDER`"
+        return ValueError(f"{folder} is a run folder of an older magr ({old[0]}, no {RUN_FILE}): this magr reads only "
+                          f"the run format with {RUN_FILE}; quantize the model again into a new folder, {again}, "
+                          "and use that one (the old folder is left as it is)")
+    if any((folder / name).exists() for name in (PARAMS_FILE, RECORDS_FILE, CHECKPOINT_FOLDER)):
+        return ValueError(f"{folder} holds an unfinished run (no {RUN_FILE}: stopped before its metadata was "
+                          "written): rerun the `magr quantize` command that wrote it to finish it")
+    return FileNotFoundError(f"no {RUN_FILE} in {folder}: not a run folder; give the --out folder of a finished "
+                             "`magr quantize` run")
+
+
+def _old_source(path: Path) -> str | None:
+    """The source model named in an older run format's metadata, if readable."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    source = meta.get("source_model") or meta.get("model")
+    return str(source) if source else None
+
+
 def read_run(folder) -> dict:
-    """A run's metadata with its per-layer records under ``"records"`` and the folder name under ``"name"``."""
+    """A run's metadata with its per-layer records under ``"records"`` and the folder name under ``"name"``;
+    without ``magr_run.json``, the error of :func:`missing_run_file`."""
     folder = Path(folder)
     path = folder / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {RUN_FILE} in {folder}: run `magr quantize --out {folder}` (or its dvc stage) first")
+        raise missing_run_file(folder)
     run = _read_json(path)
     rec = folder / RECORDS_FILE
     run["records"] = _read_json(rec) if rec.is_file() else []
@@ -198,3 +236,71 @@ def load_quant_params(folder) -> dict[str, QuantParams]:
     return {key[: -len(".scale")]: QuantParams(tensors[key], tensors[key[:-6] + ".zero"], maxq,
                                                 tensors[key[:-6] + ".g_idx"].long())
             for key in tensors if key.endswith(".scale")}
+
+
+# -------------------------------------------------------------------------------------------- locking
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0: no signal is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):  # being written this very moment, or damaged
+        return {}
+
+
+def lock_problem(folder) -> str | None:
+    """Why ``folder`` cannot be locked now, or None: held by a running process (its pid, host, start and
+    command), or a stale lock of a process that no longer runs (killed: SIGKILL, a crash of the machine)."""
+    path = Path(folder) / LOCK_FILE
+    if not path.exists():
+        return None
+    holder = _read_lock(path)
+    pid, host = holder.get("pid"), holder.get("host")
+    since = holder.get("started", "an unknown time")
+    who = f"pid {pid} on {host}, started {since}: {holder.get('command', '?')}"
+    if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+        return (f"stale lock {path} of a run that no longer runs ({who}); it was killed before it could release "
+                f"the folder. If no magr run writes into {folder}, delete the lock (rm {path}) and rerun: an "
+                "interrupted run resumes from its block checkpoints")
+    return (f"{folder} is being written by another magr run ({who}); wait for it to finish or give another "
+            f"--out (if that run is gone, delete {path})")
+
+
+@contextmanager
+def run_lock(folder):
+    """Hold ``folder/.magr.lock`` (created atomically with O_EXCL; it holds this process's pid, host, start
+    time and command) for the ``with`` block; released on every exit, errors and Ctrl-C included. A lock
+    held by another run, or left by a killed one, is a ValueError (:func:`lock_problem`), never taken over.
+    A folder that this call created and that is still empty at the end is removed again."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(["magr"] + sys.argv[1:]) if sys.argv else "magr"}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise ValueError(lock_problem(folder) or f"{path} appeared and vanished; rerun") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(holder) + "\n")
+    try:
+        yield path
+    finally:
+        if _read_lock(path).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()  # only if empty: a run refused before writing anything leaves no folder
+            except OSError:
+                pass

@@ -2,7 +2,8 @@
 
 :func:`magr.runs.quantize_run` calls them in this order: settings (when the configs are built), dtype and
 device, the data files, the output and checkpoint folders (:func:`check_output`), the model's architecture,
-layer widths and context from its config alone, before any weight is read (:func:`model_skeleton`,
+the model's weight files (:func:`check_weight_files`: a truncated or damaged safetensors file or shard), its
+architecture, layer widths and context from its config alone, before any weight is read (:func:`model_skeleton`,
 :func:`check_model`), the disk space for checkpoints and outputs (:func:`check_disk_space`), the evaluation
 texts against the window length (:meth:`magr.evaluation.perplexity.Evaluation.streams`), and, once the weights are
 loaded, that every weight is finite (:func:`check_finite`).
@@ -12,8 +13,10 @@ comes from and what is allowed; the CLI prints it as one line (``magr quantize: 
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import struct
 from itertools import chain
 from pathlib import Path
 
@@ -78,6 +81,69 @@ def check_output(out, model: str, checkpoint_dir=None, save: bool = True) -> Non
 
 
 # -------------------------------------------------------------------------------------------- model
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None, from its header alone (no tensor is read).
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
+    [begin, end]}, "__metadata__": ...}, then the data, which must end exactly at the last ``end``."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"only {size} bytes: too short for a safetensors header (8 bytes of length, then JSON)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            return f"truncated: the header alone needs {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON (not a safetensors file, or damaged)"
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        return "its header has no valid data_offsets (damaged)"
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"truncated: {size} bytes, its {len(ends)} tensors need {need} ({need - size} bytes missing)"
+    if need < size:
+        return f"{size - need} bytes past the end of its last tensor (damaged, or written by another tool)"
+    return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards named in model.safetensors.index.json, else every
+    *.safetensors beside config.json. A shard the index names that is missing is a FileNotFoundError."""
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"model weight index {index} is damaged (no valid weight_map); re-download or re-save "
+                         "the model") from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model weight shard {folder / missing[0]} named in {index} is missing "
+                                f"({len(missing)} of {len(shards)} shards); re-download the model")
+    return [folder / s for s in shards]
+
+
+def check_weight_files(model: str) -> None:
+    """Every safetensors weight file (or shard) of a local model folder is complete, from the headers alone;
+    else ValueError naming the file and what is wrong. Hub ids and .gguf files are not checked here."""
+    kind, where = model_source(model)
+    if kind != "folder":
+        return
+    for path in weight_files(Path(where)):
+        if path.name == PARAMS_FILE:  # a run folder's grids: read by export, checked there
+            continue
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise ValueError(f"model weight file {path} is damaged: {problem}; re-download or re-save the model")
+
+
 def model_skeleton(model: str, dtype: torch.dtype) -> nn.Module | None:
     """The model built from its config on the meta device (no weights read), for the checks below; None
     for a .gguf file, whose config comes with its weights (those checks then run right after loading)."""
