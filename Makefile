@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python >= 3.10, ../shared beside the repository):
 #   make repro   set up .venv and run the whole pipeline (dvc repro) -> reports/
-#   make test    set up .venv (with magr[export]) and run the unit tests and the notebooks (pytest --nbval-lax)
+#   make test    set up .venv (with magr[export,test]: the export loaders and Triton) and run the unit tests
+#                (the Triton kernels in Triton's CPU interpreter among them) and the notebooks (pytest --nbval-lax)
 # Other targets: setup, status (dvc status), clean (remove runs/ and the executed notebooks),
 # store-notebooks (re-execute the notebooks and store the outputs nbval compares).
 
@@ -27,11 +28,12 @@ $(VENV)/.magr-installed: requirements.txt constraints.txt pyproject.toml scripts
 	PYTHON=$(PYTHON) bash scripts/setup.sh $(VENV)
 	touch $@
 
-# the tests also load exported checkpoints with their third-party loaders (magr[export]: gptqmodel, ...)
-setup-test: $(VENV)/.magr-export-installed
+# the tests also load exported checkpoints with their third-party loaders (magr[export]: gptqmodel, ...) and run
+# the Triton kernels in Triton's interpreter on the CPU (magr[test]: triton, 286 MB wheel, 1.0 GB installed)
+setup-test: $(VENV)/.magr-test-installed
 
-$(VENV)/.magr-export-installed: $(VENV)/.magr-installed
-	PYTHON=$(PYTHON) EXTRAS=export bash scripts/setup.sh $(VENV)
+$(VENV)/.magr-test-installed: $(VENV)/.magr-installed pyproject.toml
+	PYTHON=$(PYTHON) EXTRAS=export,test bash scripts/setup.sh $(VENV)
 	touch $@
 
 repro:
