@@ -20,7 +20,7 @@ export MPLBACKEND := Agg
 # spinning threads slow torch's many small ops down badly.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup setup-test repro test test-unit test-notebooks store-notebooks status clean
+.PHONY: setup setup-test repro test test-unit test-notebooks store-notebooks status clean gpu-assets gpu-check
 
 setup: $(VENV)/.magr-installed
 
@@ -55,6 +55,15 @@ test-notebooks:
 
 store-notebooks: setup
 	$(BIN)/python scripts/store_notebooks.py
+
+# GPU acceptance check (issue 21; README "GPU acceptance check"): gpu-assets here (.venv, ../shared: stories260K and
+# TinyStories tokens, 1.4 MB, into .gpu/assets, which a device call carries), gpu-check with the device's own Python
+GPU_PYTHON ?= python3
+gpu-assets: setup
+	$(BIN)/python scripts/gpu_check.py --prepare-assets .gpu/assets
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(if $(OUT),--out $(OUT)/gpu_check.md)
 
 status:
 	dvc status
