@@ -116,6 +116,20 @@ def gram(X):
 
 # --- CD sweep ----------------------------------------------------------------------------------------
 
+def warm_cd(device, group_size) -> None:
+    """Compile the Triton sweep (keep and refit) before anything is timed: a small layer, one pass."""
+    if not CUDA:
+        return
+    from magr.core.quantizers import Grid, rtn
+    from magr.core.refinement import CD, cd_refine_compiled
+
+    W, H = layer(32, 256, 256, device)
+    grid = Grid(2, group_size)
+    Q, p = rtn(W, grid)
+    cd_refine_compiled(Q, W, H, p, 1, CD.damp, CD.eps, grid if group_size else None, "triton")
+    sync()
+
+
 def check_cd(table: Table, args, device) -> None:
     from magr.core.cd_check import codes
     from magr.core.cd_sweep import Unavailable
@@ -131,6 +145,7 @@ def check_cd(table: Table, args, device) -> None:
     for group_size in (None, 128 if CUDA else 32):
         gname = "per channel" if group_size is None else f"g{group_size}"
         grid = Grid(2, group_size, beta=default_beta(2, group_size))
+        warm_cd(device, group_size)
         for name, (out, n) in shapes.items():
             label = f"cd {name} W2 {gname}"
             shape = f"{out}x{n}, {passes} passes"
@@ -251,6 +266,7 @@ def check_block(table: Table, args, device) -> None:
         table.add("dagger", desc, "not run: time budget spent", "", "skipped")
         return
     grid2 = Grid(2, None, beta=default_beta(2, None))
+    warm_cd(device, None)
     dag_s, cd_s = 0.0, 0.0
     for _, layers, X in block:
         H = gram(X)
