@@ -4,7 +4,7 @@
     python benchmarks/bench_magr_layers.py --features /tmp/smollm2_H.pt --out results.json
 
 For all 30 blocks x {qkv, o, gateup, down} per channel (alpha 1e-3) and for the blocks of ``--g64-blocks``
-per group of 64 (alpha 1e-4), runs the reference (the released procedure: :func:`magr.solver.magr_ista`, 200
+per group of 64 (alpha 1e-4), runs the reference (the released procedure: :func:`magr.core.solver.magr_ista`, 200
 iterations, sort projection, exact lambda) and each variant on the stacked rows of the group, and reports
 F_variant / F_ista200 per LAYER (q, k, v, ... separately; F in float64 with H / lambda_max(H) exact), its worst
 and mean over all layers, and the whole-model seconds per variant (one thread; fast variants timed
@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from magr.fista import _row_objectives, magr_fista
-from magr.solver import magr_ista
-from magr.spg import magr_spg
+from magr.core.fista import _row_objectives, magr_fista
+from magr.core.solver import magr_ista
+from magr.core.spg import magr_spg
 
 GROUPS = ("qkv", "o", "gateup", "down")
 

@@ -27,8 +27,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from magr.calibration_data import get_calibration
-    from magr.models import decoder_layers, load_model
+    from magr.pipeline.calibration_data import get_calibration
+    from magr.pipeline.models import decoder_layers, load_model
 
     model, tok = load_model(args.model)
     windows = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed)

@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from magr.projection import prox_linf
-from magr.solver import exact_objective, lambda_max, magr_ista
-from magr.spg import linf_prox_rows, magr_spg
+from magr.core.projection import prox_linf
+from magr.core.solver import exact_objective, lambda_max, magr_ista
+from magr.core.spg import linf_prox_rows, magr_spg
 
 
 def problem(seed: int, out: int = 48, n: int = 96, tokens: int = 64, heavy: bool = False, massive: bool = False):
@@ -62,7 +62,7 @@ def test_spg_reaches_the_published_objective(kind, group_size, alpha):
 def test_spg_needs_few_iterations_on_features_with_a_massive_token(group_size, alpha):
     """Real LLM features (one attention-sink token dominating lambda_max) are where the per-row steps pay:
     16 iterations beat 200 published ones, and FISTA's 14 do not."""
-    from magr.fista import magr_fista
+    from magr.core.fista import magr_fista
 
     W, X = problem(4, tokens=40, massive=True)
     H = X.T @ X

@@ -4,7 +4,7 @@ OPTQ's procedure: the calibration windows run through the embeddings once; block
 outputs of blocks 0..i-1 (quantized ones, when quantizing). Per linear layer the statistics are
 
     H = sum over all calibration tokens of x x^T          (OPTQ's Hessian up to a factor; CD's covariance)
-    H_last = X_last^T X_last of the last calibration sample (the released code's X for MagR)
+    H_last = X_last^T X_last of the last calibration sample (the released code's X for MagR; X_last is kept too)
 
 One block at a time sits on the compute device; the rest of the model stays where it was. With a forward
 dtype (``forward_dtype``, e.g. bfloat16) the block inputs and every block forward run in that dtype while the
@@ -26,11 +26,13 @@ FORWARD_BATCH = 8
 
 
 class LayerStats:
-    """Accumulates H = sum x x^T over all calibration tokens and H_last = X_last^T X_last of a layer's input."""
+    """Accumulates H = sum x x^T over all calibration tokens and H_last = X_last^T X_last of a layer's input (and
+    keeps X_last, float32, for solvers that use X itself)."""
 
     def __init__(self, n: int, device):
         self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
         self.H_last = None
+        self.X_last = None
         self.tokens = 0
         self.has_last = False  # whether the current batch ends with the last calibration sample
 
@@ -41,7 +43,8 @@ class LayerStats:
         self.H += flat.T @ flat
         self.tokens += flat.shape[0]
         if self.has_last:
-            self.H_last = x[-1].T @ x[-1]
+            self.X_last = x[-1].clone()
+            self.H_last = self.X_last.T @ self.X_last
 
 
 class StopForward(Exception):

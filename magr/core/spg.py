@@ -1,6 +1,6 @@
 """MagR by spectral proximal gradient: per-row Barzilai-Borwein steps with a nonmonotone safeguard (issue 19).
 
-Same objective as :func:`magr.solver.magr_ista` (paper eq. (3)); every row w of W is an independent problem
+Same objective as :func:`magr.core.solver.magr_ista` (paper eq. (3)); every row w of W is an independent problem
 
     min_w  f(w) + alpha ||w||_inf,    f(w) = 1/2 (w - w_hat) H_n (w - w_hat)^T,   H_n = H / lambda_max(H),
 
@@ -90,9 +90,9 @@ def magr_spg(
     return_info: bool = False,
     rows: list[int] | None = None,
 ):
-    """MagR (the F of :func:`magr.solver.magr_ista`) by per-row spectral proximal gradient; see the module doc.
+    """MagR (the F of :func:`magr.core.solver.magr_ista`) by per-row spectral proximal gradient; see the module doc.
 
-    Args as :func:`magr.fista.magr_fista` (H is normalised to lambda_max = 1, ``alpha`` has the published
+    Args as :func:`magr.core.fista.magr_fista` (H is normalised to lambda_max = 1, ``alpha`` has the published
     meaning). ``precision``: "fp32"/"tf32" or "bf16" (bfloat16 gradient operands, float32 accumulation).
     ``features``: X (tokens x in) with H = X^T X, used for the factored gradient when 2 * tokens < in.
     ``memory``: accepted values the nonmonotone test looks back on; ``step_max``: largest BB step;
