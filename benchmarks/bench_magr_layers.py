@@ -2,6 +2,7 @@
 
     python benchmarks/smollm2_features.py --out /tmp/smollm2_H.pt          # once: weights + last-window X
     python benchmarks/bench_magr_layers.py --features /tmp/smollm2_H.pt --out results.json
+    python benchmarks/bench_magr_layers.py --render results.json --md reports/magr_solver.md   # the report's table
 
 For all 30 blocks x {qkv, o, gateup, down} per channel (alpha 1e-3) and for the blocks of ``--g64-blocks``
 per group of 64 (alpha 1e-4), runs the reference (the released procedure: :func:`magr.core.solver.magr_ista`, 200
@@ -52,10 +53,46 @@ VARIANTS = {
 }
 
 
+def render(results: dict, source: str) -> str:
+    """reports/magr_solver.md: per variant and setting, the worst and mean F / F_ista200 over the layers measured,
+    the layers above 1 and the seconds (one thread, relative to FISTA 14 in the same run)."""
+    lines = ["# MagR's solver against the released 200 ISTA iterations (SmolLM2-135M)", "",
+             f"`python benchmarks/bench_magr_layers.py --render {source} --md reports/magr_solver.md` (measured by "
+             "`benchmarks/smollm2_features.py` + `bench_magr_layers.py`, commands in benchmarks/NOTES.md; "
+             f"{results['machine']}, {results['threads']} thread, torch {results['torch']}).", "",
+             "F = paper eq. (3) per layer (float64, H / lambda_max(H) exact; X = the last 512-token C4 window of the "
+             "float model), per output row summed over the layer; ratio < 1: lower (better) than the released "
+             "procedure (`magr_ista`, 200 iterations, sort projection). Rows of the layers sharing an input are "
+             "solved stacked, as the pipeline does. Per channel alpha 1e-3, per group of 64 alpha 1e-4. Seconds: "
+             "summed over the blocks measured, each repeat in one run; 'vs FISTA 14' is the ratio to FISTA 14 in "
+             "the same repeat. The default profile runs `spg16-bf16-lr` (solver spg, 16 iterations, precision "
+             "bf16, the factored gradient (D X^T) X for down_proj).", "",
+             "| setting | variant | blocks | layers | worst F / F_ista200 | mean | layers above 1 | seconds | vs FISTA 14 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, v in results["summary"].items():
+        tag, name = key.split("/", 1)
+        n = sum(1 for r in results["layers"] if r["setting"] == tag)
+        secs = " / ".join(f"{x:.1f}" for x in v["seconds"])
+        rel = " / ".join(f"{x:.2f}" for x in v["seconds_vs_fista14"]) or "-"
+        if name == "ista200":
+            lines.append(f"| {tag} | ista200 (reference) | {len(v['blocks'])} | {n} | 1 | 1 | - | {secs} (mixed threads, "
+                         "loaded machine: not comparable) | - |")
+            continue
+        lines.append(f"| {tag} | {name} | {len(v['blocks'])} | {n} | {v['worst_ratio']:.4f} | {v['mean_ratio']:.4f} | "
+                     f"{v['layers_above_1']} | {secs} | {rel} |")
+    blocks = sorted({r["block"] for r in results["layers"] if r["setting"] == "channel"})
+    lines += ["", f"Blocks measured per channel: {', '.join(map(str, blocks))} (of 0-29; every layer shape of the "
+              "model); per group of 64: " + ", ".join(map(str, sorted({r['block'] for r in results['layers']
+                                                                         if r['setting'] != 'channel'}))) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", default="/tmp/smollm2_H.pt")
-    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--out", help="JSON output path")
+    ap.add_argument("--render", default=None, help="only write --md from this earlier JSON output")
+    ap.add_argument("--md", default=None, help="Markdown table (with --render)")
     ap.add_argument("--variants", default="fista14,fista48,spg10-bf16-lr,spg12-bf16-lr,spg16-bf16-lr,spg12-bf16,spg12-fp32")
     ap.add_argument("--blocks", default="all", help="per-channel blocks: 'all' or comma list")
     ap.add_argument("--g64-blocks", default="0,15,29", help="blocks also run per group of 64 ('' for none)")
@@ -65,6 +102,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ref-threads", type=int, default=None, help="threads for the (slow) reference only")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            text = render(json.load(f), args.render)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(text)
+        print(text)
+        return
+    if not args.out:
+        ap.error("--out is required (or --render JSON)")
     torch.set_num_threads(args.threads)
     names = [n for n in args.variants.split(",") if n]
     data = torch.load(args.features)

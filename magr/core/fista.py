@@ -62,6 +62,27 @@ def _row_objectives(W, W_hat, Hn, alpha, group_size) -> torch.Tensor:
     return 0.5 * (D @ Hn.to(device=D.device, dtype=torch.float64) * D).sum(dim=1) + _row_penalties(W, alpha, group_size)
 
 
+def unchanged(W: torch.Tensor, lam: torch.Tensor, return_info: bool, rows: list[int] | None):
+    """lambda_max(H) is not a positive number (H = 0: no features): MagR leaves the weight as it is."""
+    log.warning("lambda_max(H) = %s: MagR leaves the weight unchanged", float(lam))
+    out = W.clone()
+    if not return_info:
+        return out
+    return out, MagrInfo(lambda_max=float(lam)) if rows is None else [MagrInfo(lambda_max=float(lam)) for _ in rows]
+
+
+def solve_infos(W_hat, out, Hn, alpha, group_size, lam, start: float, rows: list[int] | None):
+    """A :class:`MagrInfo` of a solve (float64 objectives [F(W_hat), F(out)], row maxima), or one per block of
+    ``rows``. F(W_hat) is the penalty alone (W_hat - W_hat = 0)."""
+    f0, f1 = _row_penalties(W_hat, alpha, group_size), _row_objectives(out, W_hat, Hn, alpha, group_size)
+    seconds = time.perf_counter() - start
+    split = [W_hat.shape[0]] if rows is None else rows
+    infos = [MagrInfo(objective=[float(a.sum()), float(b.sum())], row_max_before=wb.abs().amax(dim=1).cpu(),
+                      row_max_after=wa.abs().amax(dim=1).cpu(), lambda_max=float(lam), seconds=seconds)
+             for a, b, wb, wa in zip(*(torch.split(x, split, dim=0) for x in (f0, f1, W_hat, out)))]
+    return infos[0] if rows is None else infos
+
+
 def magr_fista(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -107,11 +128,7 @@ def magr_fista(
     Hc = H.to(device=W.device, dtype=dtype)
     lam = lambda_max(Hc, lambda_method)
     if not torch.isfinite(lam) or lam <= 0:
-        log.warning("lambda_max(H) = %s: MagR leaves the weight unchanged", float(lam))
-        out = W.clone()
-        if not return_info:
-            return out
-        return out, MagrInfo(lambda_max=float(lam)) if rows is None else [MagrInfo(lambda_max=float(lam)) for _ in rows]
+        return unchanged(W, lam, return_info, rows)
     Hn = Hc / lam
     prox_t = alpha if normalize else alpha / float(lam)
     mm_dtype = torch.bfloat16 if precision == "bf16" else dtype
@@ -129,11 +146,4 @@ def magr_fista(
     out = Wk.to(W.dtype)
     if not return_info:
         return out
-    # diagnostics in float64, one matmul: F(W_hat) is the penalty alone (W_hat - W_hat = 0)
-    f0, f1 = _row_penalties(W_hat, prox_t, group_size), _row_objectives(Wk, W_hat, Hn, prox_t, group_size)
-    seconds = time.perf_counter() - start
-    split = [W.shape[0]] if rows is None else rows
-    infos = [MagrInfo(objective=[float(a.sum()), float(b.sum())], row_max_before=wb.abs().amax(dim=1).cpu(),
-                      row_max_after=wa.abs().amax(dim=1).cpu(), lambda_max=float(lam), seconds=seconds)
-             for a, b, wb, wa in zip(*(torch.split(x, split, dim=0) for x in (f0, f1, W_hat, Wk)))]
-    return out, infos[0] if rows is None else infos
+    return out, solve_infos(W_hat, Wk, Hn, prox_t, group_size, lam, start, rows)

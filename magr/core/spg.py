@@ -39,8 +39,8 @@ import time
 
 import torch
 
-from .fista import PRECISIONS, _row_objectives, _row_penalties
-from .solver import MagrInfo, check_problem, lambda_max, matmul_precision
+from .fista import PRECISIONS, solve_infos, unchanged
+from .solver import check_problem, lambda_max, matmul_precision
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,7 @@ def magr_spg(
     Hc = H.to(device=W.device, dtype=f32)
     lam = lambda_max(Hc, lambda_method)
     if not torch.isfinite(lam) or lam <= 0:
-        log.warning("lambda_max(H) = %s: MagR leaves the weight unchanged", float(lam))
-        out = W.clone()
-        if not return_info:
-            return out
-        return out, MagrInfo(lambda_max=float(lam)) if rows is None else [MagrInfo(lambda_max=float(lam)) for _ in rows]
+        return unchanged(W, lam, return_info, rows)
     n_rows, n_in = W_hat.shape
     seg = n_in if group_size is None else int(group_size)
     if seg <= 0 or n_in % seg:
@@ -188,10 +184,4 @@ def magr_spg(
     result = out.to(W.dtype)
     if not return_info:
         return result
-    f0, f1 = _row_penalties(W_hat, alpha, group_size), _row_objectives(out, W_hat, Hn, alpha, group_size)
-    seconds = time.perf_counter() - start
-    split = [n_rows] if rows is None else rows
-    infos = [MagrInfo(objective=[float(a.sum()), float(b.sum())], row_max_before=wb.abs().amax(dim=1).cpu(),
-                      row_max_after=wa.abs().amax(dim=1).cpu(), lambda_max=float(lam), seconds=seconds)
-             for a, b, wb, wa in zip(*(torch.split(x, split, dim=0) for x in (f0, f1, W_hat, out)))]
-    return result, infos[0] if rows is None else infos
+    return result, solve_infos(W_hat, out, Hn, alpha, group_size, lam, start, rows)
