@@ -76,7 +76,19 @@ def test_seeds_give_means_ranges_and_seed_by_seed_orderings(tmp_path):
     rows = orders[orders["set"] == "wikitext2"].set_index("ordering")
     assert rows.loc["MagR+OPTQ < OPTQ", "seeds where it holds"] == "2 of 3"  # seed 1: 13 > 12
     assert not rows.loc["MagR+OPTQ < OPTQ", "stated"]
+    assert rows.loc["MagR+OPTQ < OPTQ", "why not stated"].startswith("holds in 2 of 3 seeds only")
     assert rows.loc["OPTQ < RTN", "holds in every seed"] and rows.loc["OPTQ < RTN", "stated"]  # 10-12 vs 50
+    assert rows.loc["OPTQ < RTN", "why not stated"] == ""
+
+
+def test_why_an_ordering_is_not_stated_names_its_numbers():
+    from magr.reproduction.cells import ordering
+
+    reversed_ = ordering([(130.0, 120.0), (100.0, 90.0), (140.0, 130.0)])
+    assert reversed_["why not stated"] == "reversed on average: the second is 8.3 % lower (holds in 0 of 3 seeds)"
+    close = ordering([(100.0, 101.0), (100.0, 102.0), (100.0, 101.5)])
+    assert close["holds in every seed"] and not close["stated"]
+    assert close["why not stated"].startswith("holds in every seed, but the mean difference (1.5 %)")
 
 
 def test_rerun_interval_is_the_t_prediction_interval_on_the_log_scale():

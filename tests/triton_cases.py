@@ -23,17 +23,10 @@ import sys
 import time
 
 import torch
+from test_cd_sweep import correlated_layer  # the same layers as the C kernel's tests (tests/ is on sys.path)
 
 EPS32 = 2.0**-24
 
-
-def correlated_layer(seed: int, out: int, n: int, tokens: int = 256):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(tokens, n // 2, generator=g) @ torch.randn(n // 2, n, generator=g)
-    X += 0.1 * torch.randn(tokens, n, generator=g)
-    W = 0.05 * torch.randn(out, n, generator=g)
-    W[::5, 3] = 0.4
-    return W, X.T @ X
 
 
 # --- CD sweep -----------------------------------------------------------------------------------------

@@ -102,8 +102,22 @@ def ordering(pairs: Sequence[tuple[float, float]]) -> dict:
     k, d = sum(x < y for x, y in pairs), [math.log(y / x) for x, y in pairs]
     mean = float(np.mean(d))
     lower = mean - rerun_half_width(d)
+    stated = k == len(pairs) and lower > 0
     return {"seeds where it holds": f"{k} of {len(pairs)}", "holds in every seed": k == len(pairs),
-            "mean log ratio": mean, "rerun lower bound": lower, "stated": k == len(pairs) and lower > 0}
+            "mean log ratio": mean, "rerun lower bound": lower, "stated": stated,
+            "why not stated": "" if stated else why_not_stated(k, len(pairs), mean, lower)}
+
+
+def why_not_stated(k: int, n: int, mean: float, lower: float) -> str:
+    """The numbers that keep an ordering out of the report: reversed on average, not in every seed, or a mean
+    difference smaller than a rerun's spread (``mean``: mean log(worse / better); ``lower``: its rerun bound)."""
+    pct = 100 * math.expm1(mean)
+    if mean <= 0:
+        return f"reversed on average: the second is {-100 * math.expm1(mean):.1f} % lower (holds in {k} of {n} seeds)"
+    if k < n:
+        return f"holds in {k} of {n} seeds only (first {pct:.1f} % lower on average)"
+    return (f"holds in every seed, but the mean difference ({pct:.1f} %) is within a rerun's spread "
+            f"(rerun lower bound {lower:.3f} <= 0)")
 
 
 def ordering_table(cells: Sequence[Mapping], pairs: Sequence[tuple[str, str]], settings: Sequence[str],
