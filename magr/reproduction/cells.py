@@ -115,8 +115,8 @@ def why_not_stated(k: int, n: int, mean: float, lower: float) -> str:
     if mean <= 0:
         return f"reversed on average: the second is {-100 * math.expm1(mean):.1f} % lower (holds in {k} of {n} seeds)"
     if k < n:
-        return f"holds in {k} of {n} seeds only (first {pct:.1f} % lower on average)"
-    return (f"holds in every seed, but the mean difference ({pct:.1f} %) is within a rerun's spread "
+        return f"holds in {k} of {n} seeds only (on average the second is {pct:.1f} % higher)"
+    return (f"holds in every seed (on average the second is {pct:.1f} % higher), but within a rerun's spread "
             f"(rerun lower bound {lower:.3f} <= 0)")
 
 
