@@ -42,7 +42,10 @@ SECTIONS = [
 EXTRA_SECTIONS = [
     ("Forward dtype: float32 vs half precision (outside the pipeline)", "forward_dtype.md", [],
      "The profile's forward dtype against float32 forwards on the same windows and calibration tokens "
-     "(benchmarks/forward_dtype_cells.py; speed per forward: benchmarks/forward_dtype.py, benchmarks/NOTES.md)."),
+     "(benchmarks/forward_dtype_cells.py; speed per forward: benchmarks/forward_dtype.py, benchmarks/NOTES.md). "
+     "The float model and RTN read no calibration data, so their rows isolate the evaluation's own change; a cell "
+     "that reads calibration data gets other statistics and other inputs in every later block, and moves about as "
+     "much as with another calibration seed (compare Table 2's seed ranges): one seed here, not an effect size."),
     ("MagR's solver against the released 200 ISTA iterations (outside the pipeline)", "magr_solver.md", [],
      "The objective F of paper eq. (3) reached by the profile's MagR solver on every layer of the model, relative "
      "to the released procedure (benchmarks/bench_magr_layers.py)."),
@@ -103,7 +106,7 @@ follow method-notes."""
 
 def _strip_title(md: str) -> str:
     lines = md.strip().splitlines()
-    return "\n".join(lines[1:] if lines and lines[0].startswith("## ") else lines).strip()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()
 
 
 def settings_table(params: dict) -> str:
