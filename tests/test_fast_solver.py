@@ -262,21 +262,11 @@ cuda = pytest.mark.cuda
                                                ((8, 300), None)])
 @pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
 def test_triton_step_matches_torch_step(shape, group_size, p_dtype):
-    g = torch.Generator().manual_seed(shape[1])
-    W_hat = (0.02 * torch.randn(*shape, generator=g)).cuda()
-    W_hat[0] = 0.0
-    W = W_hat + 1e-3 * torch.randn(*shape, generator=g).cuda()
-    P = (1e-3 * torch.randn(*shape, generator=g)).cuda().to(p_dtype)
-    G = (1e-3 * torch.randn(*shape, generator=g)).cuda()
-    P[0] = 0.0
-    G[0] = 0.0
-    for t in (1e-3, 1e-4, 0.0, 10.0):
-        outs = []
-        for backend in ("torch", "triton"):
-            W2, P2 = W.clone(), P.clone()
-            prox_step_(W_hat, W2, P2, G, t, 0.5, group_size, backend=backend)
-            outs.append((W2, P2))
-        (Wt, Pt), (Wk, Pk) = outs
+    from triton_cases import PROX_THRESHOLDS, prox_both_backends, prox_problem
+
+    W_hat, W, P, G = prox_problem(*shape, p_dtype, device="cuda")
+    for t in PROX_THRESHOLDS:
+        (Wt, Pt), (Wk, Pk) = prox_both_backends(W_hat, W, P, G, t, group_size)
         assert torch.allclose(Wk, Wt, atol=1e-7, rtol=0), (t, (Wk - Wt).abs().max())
         rtol = 0 if p_dtype == torch.float32 else 2**-7  # bf16: at most one rounding step apart
         assert torch.allclose(Pk.float(), Pt.float(), atol=1e-7, rtol=rtol)

