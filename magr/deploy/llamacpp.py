@@ -14,7 +14,10 @@ reads rows of whole blocks: padding would change the tensor shape it expects). E
 are stored in float16 (1-D norms in float32, as llama.cpp's converter writes them). Names, the Q/K row
 permutation and the metadata follow llama.cpp's converter for the Llama architecture; the tokenizer is
 written from a sentencepiece ``tokenizer.model`` (vocabulary, scores, types) or a BPE ``tokenizer.json``
-(vocabulary and merges).
+(vocabulary and merges). For a BPE tokenizer llama.cpp also needs the pre-tokenizer type
+(``tokenizer.ggml.pre``): its converter tells it by the hash of the tokenizer's ids for a fixed text; the same is
+done here for the Llama-family types in :data:`BPE_PRE` (an unknown hash is logged and the key left out; llama.cpp
+then warns and uses its default pre-tokenizer).
 
 The file is read back with the ``gguf`` package's reader and every de-quantized weight compared with ours
 (:func:`check_gguf`): they must agree within the float16 rounding of d and m.
@@ -41,6 +44,15 @@ LINEAR_TENSORS = {
     "mlp.down_proj": "ffn_down",
 }
 ALTERNATIVES = "the gptq or compressed-tensors format (any bits, symmetric or not)"
+#: the text llama.cpp's converter (convert_hf_to_gguf.py, get_vocab_base_pre) encodes to tell BPE pre-tokenizers
+#: apart, verbatim
+PRE_CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+#: sha256 of str(tokenizer.encode(PRE_CHECK_TEXT)) -> llama.cpp pre-tokenizer type (from its converter)
+BPE_PRE = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM(2)
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+}
 
 
 def gguf_type(grid: Grid) -> str:
@@ -103,6 +115,20 @@ def expected_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (d * (q - 128)).reshape(out, n)
 
 
+def bpe_pre_tokenizer(folder: Path) -> str | None:
+    """llama.cpp's pre-tokenizer type of the BPE tokenizer in ``folder``, told as its converter does (None: a hash
+    not in :data:`BPE_PRE`, logged)."""
+    from hashlib import sha256
+
+    from transformers import AutoTokenizer
+
+    digest = sha256(str(AutoTokenizer.from_pretrained(str(folder)).encode(PRE_CHECK_TEXT)).encode()).hexdigest()
+    if digest not in BPE_PRE:
+        log.warning("BPE tokenizer in %s not known to this exporter (hash %s): no tokenizer.ggml.pre written; "
+                    "llama.cpp will warn and use its default pre-tokenizer", folder, digest)
+    return BPE_PRE.get(digest)
+
+
 def _add_tokenizer(writer, folders: list[Path]) -> str:
     """Vocabulary (and scores, types or merges) from the first folder with a tokenizer.model or tokenizer.json."""
     import gguf
@@ -116,6 +142,8 @@ def _add_tokenizer(writer, folders: list[Path]) -> str:
             continue
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model(vocab.tokenizer_model)
+        if vocab.tokenizer_model == "gpt2" and (pre := bpe_pre_tokenizer(folder)) is not None:
+            writer.add_tokenizer_pre(pre)
         writer.add_token_list(list(tokens))
         writer.add_token_scores(list(scores))
         writer.add_token_types([int(t) for t in types])
