@@ -45,7 +45,7 @@ def spg(iters, precision="bf16", lowrank=True, **kw):
 
 VARIANTS = {
     "fista14": fista(14), "fista48": fista(48), "fista14-bf16": fista(14, "bf16"),
-    **{f"spg{k}-bf16-lr": spg(k) for k in (6, 8, 10, 12, 16, 20)},  # bf16 operands, (D X^T) X for down
+    **{f"spg{k}-bf16-lr": spg(k) for k in (6, 8, 10, 12, 16, 18, 20, 24)},  # bf16 operands, (D X^T) X for down
     **{f"spg{k}-bf16": spg(k, "bf16", False) for k in (8, 12, 16)},  # bf16 operands, D H everywhere
     **{f"spg{k}-fp32": spg(k, "fp32", False) for k in (8, 12, 16)},
     # without backtracking (a rejected row retries with step 1) and with a larger largest step
@@ -57,7 +57,9 @@ def render(results: dict, source: str) -> str:
     """reports/magr_solver.md: per variant and setting, the worst and mean F / F_ista200 over the layers measured,
     the layers above 1 and the seconds (one thread, relative to FISTA 14 in the same run)."""
     lines = ["# MagR's solver against the released 200 ISTA iterations (SmolLM2-135M)", "",
-             f"`python benchmarks/bench_magr_layers.py --render {source} --md reports/magr_solver.md` (measured by "
+             "`python benchmarks/bench_magr_layers.py --render benchmarks/results/smollm2-magr-layers-all30.json "
+             "benchmarks/results/smollm2-magr-layers.json --md reports/magr_solver.md`", "",
+             f"From {source} (measured by "
              "`benchmarks/smollm2_features.py` + `bench_magr_layers.py`, commands in benchmarks/NOTES.md; "
              f"{results['machine']}, {results['threads']} thread, torch {results['torch']}).", "",
              "F = paper eq. (3) per layer (float64, H / lambda_max(H) exact; X = the last 512-token C4 window of the "
@@ -81,9 +83,13 @@ def render(results: dict, source: str) -> str:
         lines.append(f"| {tag} | {name} | {len(v['blocks'])} | {n} | {v['worst_ratio']:.4f} | {v['mean_ratio']:.4f} | "
                      f"{v['layers_above_1']} | {secs} | {rel} |")
     blocks = sorted({r["block"] for r in results["layers"] if r["setting"] == "channel"})
+    g64 = sorted({r["block"] for r in results["layers"] if r["setting"] != "channel"})
     lines += ["", f"Blocks measured per channel: {', '.join(map(str, blocks))} (of 0-29; every layer shape of the "
-              "model); per group of 64: " + ", ".join(map(str, sorted({r['block'] for r in results['layers']
-                                                                         if r['setting'] != 'channel'}))) + "."]
+              "model)" + (f"; per group of 64: {', '.join(map(str, g64))}" if g64 else "") + "."]
+    above = [f"{n} {r['setting']} block {r['block']} {r['layer']} {r['ratio'][n]:.4f}"
+             for r in results["layers"] for n in r["ratio"] if r["ratio"][n] > 1 and "fista14" not in n]
+    if above:
+        lines += ["", "Layers above the reference (FISTA 14 aside): " + "; ".join(above) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -91,7 +97,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", default="/tmp/smollm2_H.pt")
     ap.add_argument("--out", help="JSON output path")
-    ap.add_argument("--render", default=None, help="only write --md from this earlier JSON output")
+    ap.add_argument("--render", nargs="+", default=None, help="only write --md from these earlier JSON outputs")
     ap.add_argument("--md", default=None, help="Markdown table (with --render)")
     ap.add_argument("--variants", default="fista14,fista48,spg10-bf16-lr,spg12-bf16-lr,spg16-bf16-lr,spg12-bf16,spg12-fp32")
     ap.add_argument("--blocks", default="all", help="per-channel blocks: 'all' or comma list")
@@ -103,8 +109,12 @@ def main(argv=None):
     ap.add_argument("--ref-threads", type=int, default=None, help="threads for the (slow) reference only")
     args = ap.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            text = render(json.load(f), args.render)
+        parts = []
+        for i, path in enumerate(args.render):
+            with open(path) as f:
+                part = render(json.load(f), path)
+            parts.append(part if i == 0 else part.split("\n", 4)[4])  # one title and command
+        text = "\n".join(parts)
         if args.md:
             with open(args.md, "w") as f:
                 f.write(text)

@@ -14,7 +14,8 @@ Two solvers minimise the same F (small functions in :data:`SOLVERS`):
   stacked), 48 iterations by default, which reach a lower F than 200 ISTA iterations (benchmarks/NOTES.md);
 - ``"spg"``: :func:`magr.core.spg.magr_spg` (per-row Barzilai-Borwein steps, rows stacked; with the last sample's
   X the factored gradient (D X^T) X where it is cheaper), 16 iterations by default, which reach a lower F than
-  200 ISTA iterations on every SmolLM2-135M layer measured (benchmarks/NOTES.md, reports/magr_solver.md).
+  200 ISTA iterations on 209 of SmolLM2-135M's 210 layers (1.005 of it on the last; 20 iterations: all 210;
+  benchmarks/NOTES.md, reports/magr_solver.md).
 The fast solvers take ``precision``: "tf32" (float32 on CPUs; TF32 on GPUs) or "bf16" (bfloat16 operands of the
 gradient matmul, float32 accumulation: about 2x faster on CPUs with AVX512-BF16; changes the numbers, opt-in).
 """

@@ -25,10 +25,11 @@ With ``features`` X (tokens x in) and 2 * tokens < in (down_proj: 512 tokens, 15
 uses bfloat16 operands with float32 accumulation for that matmul (about 2x faster on CPUs with AVX512-BF16;
 changes the numbers, opt-in).
 
-Measured on SmolLM2-135M (benchmarks/NOTES.md, issue 19; 105 layers of 15 blocks per channel, 14 per group
-of 64): 16 iterations (bf16, factored gradient) end at most at 0.978 (per group 0.991) of the F of 200
-published iterations on every layer, in ~0.9x the time of FISTA 14; 12 iterations miss on 2 of 105 layers
-(1.0026 at worst); FISTA needs 37-38. On synthetic features without the structure of real ones (Gaussian X
+Measured on SmolLM2-135M (benchmarks/NOTES.md, reports/magr_solver.md, issue 19; all 210 layers per channel,
+14 per group of 64): 16 iterations (bf16, factored gradient) end below the F of 200 published iterations on 209
+of 210 layers (mean 0.892; 1.005 on block 3's down_proj; per group at most 0.991), in ~0.9x the time of FISTA 14
+on one thread; 20 iterations end below it on all 210 (at most 0.986); 12 miss on 2 of 105 layers of 15 blocks;
+FISTA needs 37-38. On synthetic features without the structure of real ones (Gaussian X
 with 24 tokens for 96 inputs, or well-conditioned X where ISTA-200 is already converged) it needs up to ~32
 (tests/test_spg.py).
 """
