@@ -24,7 +24,7 @@ import time
 import torch
 
 from magr.core.fista import _row_objectives, magr_fista
-from magr.core.solver import magr_ista
+from magr.core.solver import lambda_max, magr_ista
 from magr.core.spg import magr_spg
 
 GROUPS = ("qkv", "o", "gateup", "down")
@@ -145,7 +145,7 @@ def main(argv=None):
                 W = torch.cat(list(ws.values()))
                 X = blocks[b][g]["X"]
                 H = X.T @ X
-                Hn = H.double() / torch.linalg.eigvalsh(H.double()).max()
+                Hn = H.double() / lambda_max(H.double())
                 split = [w.shape[0] for w in ws.values()]
                 F = {}
                 key = f"{tag}/{b}/{g}"

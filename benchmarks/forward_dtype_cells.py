@@ -23,6 +23,8 @@ from magr.pipeline.persistence import write_json
 from magr.reproduction.tables import markdown_table
 from magr.runs import perplexity_run, quantize_cell
 
+from calibration_size import cell_settings  # the cell's settings as the pipeline passes them (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,8 +53,7 @@ def main(argv=None) -> None:
         raw.append({"cell": "float", "forward_dtype": fd, "seconds": time.perf_counter() - t0,
                     "ppl": {s: [v["ppl"]] for s, v in out["ppl"].items()}})
         for name in args.cells:
-            cell = {k: v for k, v in params["cells"][name].items() if k != "save"}
-            quant = QuantConfig.build(**{**params.get("quant", {}), **cell})
+            quant = QuantConfig.build(**cell_settings(params, name, {}))
             t0 = time.perf_counter()
             runs = quantize_cell(model, Path(args.work) / f"{name}-{fd}", quant, args.seeds, cal, ev,
                                  dtype=dtype, forward_dtype=fd, device=params.get("device"))

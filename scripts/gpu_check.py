@@ -32,6 +32,7 @@ Triton's CPU interpreter), in under 5 minutes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -162,16 +163,17 @@ def check_cd(table: Table, args, device) -> None:
                 continue
             rows = min(out, args.cd_ref_rows)
             sl = slice(0, rows)
-            p_cpu = type(p)(p.scale[sl].cpu(), p.zero[sl].cpu(), p.maxq, p.g_idx.cpu(), p.static)
+            p_cpu = dataclasses.replace(p, scale=p.scale[sl], zero=p.zero[sl]).cpu()
             try:
                 Qc, pc = cd_refine_compiled(Q0[sl].cpu(), W[sl].cpu(), H.cpu(), p_cpu, passes, cd.damp, cd.eps,
                                             refit, "c")
             except Unavailable as exc:
                 table.add(label, shape, f"Triton {t_tri:.2f} s; C kernel unavailable: {exc}", "", "partial")
                 continue
-            pt_rows = type(pt)(pt.scale[sl].cpu(), pt.zero[sl].cpu(), pt.maxq, pt.g_idx.cpu(), pt.static)
-            differ = int((codes(Qt[sl].cpu(), pt_rows) != codes(Qc, pc)).sum())
-            moved = int((codes(Qc, pc) != codes(Q0[sl].cpu(), p_cpu)).sum())
+            pt_rows = dataclasses.replace(pt, scale=pt.scale[sl], zero=pt.zero[sl]).cpu()
+            codes_c = codes(Qc, pc)
+            differ = int((codes(Qt[sl].cpu(), pt_rows) != codes_c).sum())
+            moved = int((codes_c != codes(Q0[sl].cpu(), p_cpu)).sum())
             where = "CUDA" if CUDA else "interpreter"
             frac = differ / (rows * n)
             table.add(label, shape, f"Triton ({where}) {t_tri:.2f} s; vs C kernel on {rows} rows: {differ} of "

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from magr.cli import main
+from magr.pipeline.persistence import LOCK_FILE
 ROOT = Path(__file__).resolve().parents[1]
-LOCK_FILE = ".magr.lock"  # magr.pipeline.persistence.LOCK_FILE
 ARGS = ["--method", "rtn", "--bits", "4", "--calib", "tinystories", "--nsamples", "2", "--seqlen", "64",
         "--device", "cpu"]
 

@@ -36,10 +36,11 @@ BACKENDS = ("auto", "triton", "torch")
 NEWTON_MAX_STEPS = 64
 
 
-def _newton_on_candidates(vals, rows, tau, t: float, n_rows: int, max_steps: int):
+def _newton_on_candidates(vals, rows, tau, t: float | torch.Tensor, n_rows: int, max_steps: int):
     """Newton/Michelot steps on the candidate entries only (values ``vals`` of rows ``rows``), from ``tau``.
 
-    Returns (tau, count): the last step left every row's active set (of ``count`` entries) unchanged.
+    ``t``: one prox scale, or one per row. Returns (tau, count): the last step left every row's active set (of
+    ``count`` entries) unchanged.
     """
     count = None
     for _ in range(max_steps):

@@ -41,6 +41,7 @@ import time
 import torch
 
 from .fista import PRECISIONS, solve_infos, unchanged
+from .kernels import _newton_on_candidates
 from .solver import check_problem, lambda_max, matmul_precision
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,7 @@ def linf_prox_rows(V: torch.Tensor, t: torch.Tensor, max_steps: int = 64) -> tor
     vmax = A.amax(dim=1)
     tau = (vmax - t).clamp(min=0)
     rows, cols = (A > tau.unsqueeze(1)).nonzero(as_tuple=True)
-    vals = A[rows, cols]
-    count = None
-    for _ in range(max_steps):
-        act = (vals > tau[rows]).to(V.dtype)
-        new_count = torch.zeros_like(tau).index_add_(0, rows, act)
-        if count is not None and torch.equal(new_count, count):
-            break
-        count = new_count
-        s = torch.zeros_like(tau).index_add_(0, rows, vals * act)
-        tau = torch.maximum(tau, (s - t) / count.clamp(min=1))
+    tau, _ = _newton_on_candidates(A[rows, cols], rows, tau, t, V.shape[0], max_steps)  # the fused prox's steps
     tau = torch.minimum(tau.clamp(min=0), vmax)
     torch.clamp(V, min=-tau.unsqueeze(1), max=tau.unsqueeze(1), out=V)
     return tau

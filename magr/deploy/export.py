@@ -276,8 +276,6 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
 
 def _tokenizer_folders(stage: Path, source: str | None) -> list[Path]:
     """Where the GGUF writer looks for tokenizer files: the staged export, the run folder, its source model."""
-    import json
-
     from ..pipeline.models import model_source
     from ..pipeline.persistence import RUN_FILE
 
@@ -286,7 +284,7 @@ def _tokenizer_folders(stage: Path, source: str | None) -> list[Path]:
         folders.append(Path(source))
         run_file = Path(source) / RUN_FILE
         if run_file.is_file():
-            kind, where = model_source(json.loads(run_file.read_text())["model"])
+            kind, where = model_source(read_run(source)["model"])
             if kind == "folder":
                 folders.append(Path(where))
     return folders
