@@ -84,7 +84,7 @@ def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, de
         preflight.check_model(net, quant, calibration, evaluation)
         preflight.check_disk_space(net, quant.grid.group_size, out, save, ckpt)
         if export is not None:
-            check_exportable(quant.grid, export, linear_shapes(net))
+            check_exportable(quant.grid, export, linear_shapes(net), net)
 
     preflight.check_weight_files(model)  # a truncated or damaged model.safetensors (or shard)
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])  # config only: no weights read yet

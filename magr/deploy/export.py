@@ -141,13 +141,16 @@ def _trivial_g_idx(lc: LayerCodes) -> bool:
     return torch.equal(lc.g_idx, torch.arange(n) // (n // groups))
 
 
-def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, int]]) -> None:
-    """Fail before any work when the format cannot hold this grid on layers of these (out, in) shapes."""
+def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, int]], model=None) -> None:
+    """Fail before any work when the format cannot hold this grid on layers of these (out, in) shapes (and, given
+    the ``model`` or its skeleton, when GGUF cannot hold its architecture)."""
     if export.format == "gguf":
-        from .llamacpp import check_gguf_shapes, gguf_type
+        from .llamacpp import check_gguf_model, check_gguf_shapes, gguf_type
 
         gguf_type(grid)
         check_gguf_shapes(shapes)
+        if model is not None:
+            check_gguf_model(model, shapes)
     if export.format == "gptq":
         if grid.group_size is not None and grid.group_size not in GPTQ_GROUP_SIZES:
             raise ValueError(f"group_size {grid.group_size} cannot be loaded as GPTQ; allowed: per channel or "

@@ -190,18 +190,23 @@ def _float_name(key: str) -> str | None:
     return None
 
 
+def check_gguf_model(model, layers) -> None:
+    """Fail unless this writer can store ``model``: the llama architecture, and no bias on the ``layers`` (names)."""
+    if model.config.model_type != "llama":
+        raise ValueError(f"GGUF export writes the llama architecture; this model is {model.config.model_type!r}; "
+                         f"use {ALTERNATIVES}")
+    biased = [name for name in layers if model.get_submodule(name).bias is not None]
+    if biased:
+        raise ValueError(f"{biased[0]} has a bias, which this GGUF writer does not store; use {ALTERNATIVES}")
+
+
 def write_gguf(model: nn.Module, codes: dict, grid: Grid, path: Path, tokenizer_folders: list[Path]) -> dict:
     """Write ``model`` with its linear layers on their grids (``codes``: :func:`magr.deploy.export.model_codes`)
     as a GGUF file; returns what was written (type, tensors, tokenizer)."""
     import gguf
 
     config = model.config
-    if config.model_type != "llama":
-        raise ValueError(f"GGUF export writes the llama architecture; this model is {config.model_type!r}; use "
-                         f"{ALTERNATIVES}")
-    biased = [name for name in codes if model.get_submodule(name).bias is not None]
-    if biased:
-        raise ValueError(f"{biased[0]} has a bias, which this GGUF writer does not store; use {ALTERNATIVES}")
+    check_gguf_model(model, codes)
     qtype = gguf_type(grid)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
