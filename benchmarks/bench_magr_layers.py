@@ -67,7 +67,7 @@ def render(results: dict, source: str) -> str:
              "procedure (`magr_ista`, 200 iterations, sort projection). Rows of the layers sharing an input are "
              "solved stacked, as the pipeline does. Per channel alpha 1e-3, per group of 64 alpha 1e-4. Seconds: "
              "summed over the blocks measured, each repeat in one run; 'vs FISTA 14' is the ratio to FISTA 14 in "
-             "the same repeat. The default profile runs `spg16-bf16-lr` (solver spg, 16 iterations, precision "
+             "the same repeat. The default profile runs `spg20-bf16-lr` (solver spg, 20 iterations, precision "
              "bf16, the factored gradient (D X^T) X for down_proj).", "",
              "| setting | variant | blocks | layers | worst F / F_ista200 | mean | layers above 1 | seconds | vs FISTA 14 |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -91,7 +91,7 @@ Conventions of the released code (shared/docs/method-notes.md) and where this ru
 | plain RTN / OPTQ baselines (beta 1, no coordinate descent) | presets `rtn`, `optq` (beta 1) |
 | MagR methods: beta 0.8 / 0.9 / 1 at 2 / 3 / 4 bits, 0.95 at g128, 1 at g64 | presets `magr+*` |
 | MagR's X = the last calibration sample, normalised to lambda_max = 1, alpha 1e-3 / 1e-4 | `feature_source: last_sample`, `alpha` |
-| 200 ISTA iterations (paper text: 150) | `solver: ista` (the GPU profiles); the CPU default runs the solver and iterations the settings table names, labelled in every table, checked per layer against the objective of 200 ISTA iterations (section "MagR's solver" below: the default's SPG 16 is below it on 209 of 210 layers, 1.005 on the last) |
+| 200 ISTA iterations (paper text: 150) | `solver: ista` (the GPU profiles); the CPU default runs the solver and iterations the settings table names, labelled in every table, checked per layer against the objective of 200 ISTA iterations (section "MagR's solver" below: the default's SPG 20 is below it on all 210 layers, worst 0.986; SPG 16 stops at 1.005 on one) |
 | models run in float16 | the profile's `forward_dtype` for every forward (calibration propagation, evaluation, zero-shot): float16 on GPUs, bfloat16 in the CPU profiles (CPU float16 matmuls are emulated, slower than float32: benchmarks/NOTES.md); the statistics H and MagR / OPTQ / CD run in float32 on the float32 weights |
 | OPTQ per-group grid fitted on the block-start weights (GPTQ's code) | `group_grid: block_start` (default) |
 | coordinate descent after MagR+OPTQ: 1 pass, 30 at 2 bits; covariance damped 0.75 and normalised + 0.1 | `CD` defaults |

@@ -167,3 +167,26 @@ def test_reproduction_check_reads_the_rerun_interval_and_flags_a_value_outside(t
     assert verdicts["ppl W3 OPTQ wikitext2"] == "OUTSIDE" and verdicts["ppl W3 RTN wikitext2"] == "within"
     in_range = compare(committed, fresh).set_index("value")["in seed range"]
     assert in_range["ppl W3 OPTQ wikitext2"] is False and in_range["ppl W3 RTN wikitext2"] is None
+
+
+def test_zero_shot_rule_depends_on_whether_the_model_reads_calibration_data(tmp_path):
+    """A zero-shot accuracy of a seed-averaged (calibration) model gets the interval of a second draw on the same
+    items, the float / RTN model one standard error; 0 % still has an interval."""
+    from magr.reproduction.reported import compare, report_values, rerun_accuracy
+
+    for seed, ppl in enumerate([10.0, 12.0, 11.0]):
+        _write_cell(tmp_path / "cells" / "w3-optq", f"seed-{seed}", "optq", 3, None, ppl, seed=seed)
+    _write_cell(tmp_path / "cells" / "w3-rtn", "seed-0", "rtn", 3, None, 50.0)
+    tables.write_table(tables.perplexity_table(load_cells(tmp_path / "cells")), tmp_path / "reports" / "table2_perplexity")
+    res = {label: {"piqa": {"acc": 0.1, "acc_stderr": 0.0688, "n": 20}} for label in ("W3 RTN", "W3 OPTQ")}
+    tables.write_table(tables.zeroshot_table(res), tmp_path / "reports" / "table3_zeroshot")
+    committed = report_values(tmp_path / "reports")
+    rtn, optq = committed["zero-shot W3 RTN piqa"], committed["zero-shot W3 OPTQ piqa"]
+    assert rtn["rule"] == "standard error" and rtn["high"] == pytest.approx(16.88)
+    assert optq["rule"] == "rerun interval (items)" and (optq["low"], optq["high"]) == pytest.approx(rerun_accuracy(10, 20))
+    assert optq["low"] == 0 and 30 < optq["high"] < 35        # 10 % of 20: [0, 33.1]
+    fresh = {**committed, "zero-shot W3 RTN piqa": {**rtn, "value": 25.0}, "zero-shot W3 OPTQ piqa": {**optq, "value": 25.0}}
+    verdicts = compare(committed, fresh).set_index("value")["verdict"]
+    assert verdicts["zero-shot W3 RTN piqa"] == "OUTSIDE" and verdicts["zero-shot W3 OPTQ piqa"] == "within"
+    assert rerun_accuracy(0, 20)[1] > 0 and rerun_accuracy(100, 20)[0] < 100
+    assert rerun_accuracy(50, 2000)[1] - 50 == pytest.approx(1.96 * 100 * (2 * 0.25 / 2000) ** 0.5, rel=1e-3)

@@ -13,8 +13,8 @@ Two solvers minimise the same F (small functions in :data:`SOLVERS`):
 - ``"fista"``: :func:`magr.core.fista.magr_fista` (FISTA, TF32 matmuls, fused sort-free prox, rows of the layers
   stacked), 48 iterations by default, which reach a lower F than 200 ISTA iterations (benchmarks/NOTES.md);
 - ``"spg"``: :func:`magr.core.spg.magr_spg` (per-row Barzilai-Borwein steps, rows stacked; with the last sample's
-  X the factored gradient (D X^T) X where it is cheaper), 16 iterations by default, which reach a lower F than
-  200 ISTA iterations on 209 of SmolLM2-135M's 210 layers (1.005 of it on the last; 20 iterations: all 210;
+  X the factored gradient (D X^T) X where it is cheaper), 20 iterations by default, which reach a lower F than
+  200 ISTA iterations on all 210 of SmolLM2-135M's layers (worst 0.986 of it; 16 iterations: 1.005 on one;
   benchmarks/NOTES.md, reports/magr_solver.md).
 The fast solvers take ``precision``: "tf32" (float32 on CPUs; TF32 on GPUs) or "bf16" (bfloat16 operands of the
 gradient matmul, float32 accumulation: about 2x faster on CPUs with AVX512-BF16; changes the numbers, opt-in).
@@ -68,7 +68,7 @@ def _spg_layers(weights: Sequence[torch.Tensor], H: torch.Tensor, alpha: float, 
 
 
 SOLVERS = {"ista": _ista_layers, "fista": _fista_layers, "spg": _spg_layers}
-DEFAULT_ITERS = {"ista": 200, "fista": FAST_ITERS, "spg": 16}
+DEFAULT_ITERS = {"ista": 200, "fista": FAST_ITERS, "spg": 20}
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class MagR:
 
     alpha: float | None = setting(None, "MagR l_inf penalty, relative to lambda_max(H) = 1 "
                                         "(default 1e-3 per channel, 1e-4 per group)", type=float)
-    iters: int | None = setting(None, "iterations of the MagR solver (default: ista 200, fista 48, spg 16)", type=int)
+    iters: int | None = setting(None, "iterations of the MagR solver (default: ista 200, fista 48, spg 20)", type=int)
     solver: str = setting("fista", "MagR solver: fista or spg (fast), or ista (the published procedure)",
                           choices=tuple(SOLVERS))
     precision: str = setting("tf32", "operands of the fast solvers' gradient matmul: tf32 (float32 on CPUs), fp32, "
