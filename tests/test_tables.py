@@ -161,7 +161,7 @@ def test_reproduction_check_reads_the_rerun_interval_and_flags_a_value_outside(t
     committed = report_values(tmp_path / "reports")
     optq, rtn = committed["ppl W3 OPTQ wikitext2"], committed["ppl W3 RTN wikitext2"]
     assert optq["rule"] == "rerun interval" and (optq["low"], optq["high"]) == pytest.approx(rerun_interval([10, 12, 11]))
-    assert rtn["rule"] == "exact" and rtn["high"] == pytest.approx(50.05)
+    assert rtn["rule"] == "float-sum order" and rtn["high"] == pytest.approx(50.5)
     fresh = {**committed, "ppl W3 OPTQ wikitext2": {**optq, "value": optq["high"] * 1.01}}
     verdicts = compare(committed, fresh).set_index("value")["verdict"]
     assert verdicts["ppl W3 OPTQ wikitext2"] == "OUTSIDE" and verdicts["ppl W3 RTN wikitext2"] == "within"
