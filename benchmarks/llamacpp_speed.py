@@ -94,6 +94,14 @@ def llamacpp_entry(gguf: Path, prompt_ids: list[int], tokenizer, args) -> dict:
             "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
+def amx_phrase(system_info: str) -> str:
+    """Whether llama.cpp's AMX buffer type is in play, from its system info ("AMX_INT8 = 1" on AMX CPUs)."""
+    if "AMX_INT8 = 1" in system_info:
+        return ("AMX CPU: llama.cpp's AMX buffer type, which crashed on quantized types on an Intel Xeon before, "
+                "may take tensors")
+    return "no AMX: llama.cpp's AMX buffer type is not in play"
+
+
 def load_gguf(gguf: Path):
     """llama.cpp's model on ``gguf`` (1 thread) and the lines of its load log about the tokenizer, warnings and
     CPU buffer types."""
@@ -175,9 +183,8 @@ def markdown(result: dict) -> str:
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, shared with one other single-threaded job (every "
               f"process here at nice 19: speeds are indicative, compare within this table). Versions: "
               + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
-              f"llama.cpp system info: `{g['system_info'].strip()}` (an AMD EPYC: no AMX, so llama.cpp's AMX "
-              "buffer type, which crashed on quantized types on an Intel Xeon before, is not in play; its "
-              "CPU_REPACK type does not take Q4_1 and the tensors run on the plain CPU buffer, as the log says).",
+              f"llama.cpp system info: `{g['system_info'].strip()}` ({amx_phrase(g['system_info'])}; its "
+              "CPU_REPACK type does not take Q4_1: the load log above says which buffer the tensors run on).",
               "", SETUP]
     return "\n".join(lines)
 
