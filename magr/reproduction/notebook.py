@@ -26,11 +26,12 @@ def setup(name: str, threads: int = 0, out_dir=None) -> Path:
 
 
 def model_and_calibration(model_name: str, calibration: Calibration, dtype: str = "float32", data_root=None):
-    """(model, tokenizer, calibration tokens) of a model alias, folder or hub id."""
+    """(model, tokenizer, calibration tokens) of a model alias, folder or hub id; the windows follow the model
+    family's protocol unless ``calibration`` sets ``calib_bos`` (:mod:`magr.pipeline.families`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} not supported; allowed: {', '.join(DTYPES)}")
     model, tokenizer = load_model(model_name, dtype=DTYPES[dtype])
-    return model, tokenizer, calibration.tokens(tokenizer, data_root)
+    return model, tokenizer, calibration.for_model(model).tokens(tokenizer, data_root)
 
 
 def run_cells(model_name: str, cells: dict, calibration: Calibration, evaluation, seeds=(0,), device: str = "cpu",
@@ -62,7 +63,7 @@ def zeroshot_cells(model_name: str, cells: dict, calibration: Calibration, tasks
     from ..evaluation.zeroshot import evaluate_zeroshot
 
     model, tokenizer = load_model(model_name)
-    calib = calibration.tokens(tokenizer)
+    calib = calibration.for_model(model).tokens(tokenizer)
     results = {"float": evaluate_zeroshot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, device=device)}
     labels = {"float": "float"}
     for name, cell in cells.items():
