@@ -152,11 +152,11 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer :func:`magr.pipeline.models.load_model` returns for ``name_or_path`` (alias, GGUF, folder or hub id)."""
     from transformers import AutoTokenizer
 
-    from .sources import smollm2_gguf_path, stories260k_path
+    from .sources import GGUF_ALIASES, stories260k_path
 
     key = str(name_or_path).lower()
-    if key == "smollm2-135m":
-        gguf = smollm2_gguf_path()
+    if key in GGUF_ALIASES:
+        gguf = GGUF_ALIASES[key]()
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if key == "stories260k":
         return SentencePieceTokenizer(stories260k_path() / "tokenizer.model")

@@ -252,3 +252,29 @@ def shrink_table(df: pd.DataFrame) -> pd.DataFrame:
                      "output change (mean)": float(part["output change"].mean()),
                      "output change (max)": float(part["output change"].max())})
     return pd.DataFrame(rows)
+
+
+def verdict(low: float, high: float) -> str:
+    """What a 95 % interval of an error ratio says: 'lower' / 'higher' than at alpha = 0, or 'not distinguishable'."""
+    if math.isnan(low) or math.isnan(high):
+        return "-"
+    return "lower" if high < 1 else "higher" if low > 1 else "not distinguishable"
+
+
+def combined_optimum(folders) -> pd.DataFrame:
+    """One row per model, grid kind, quantizer and bits from each model's ``alpha_optimum.csv`` (``folders``:
+    label -> the folder the notebook wrote): the best alpha, the error ratio there and at the paper's alpha with
+    their 95 % intervals over layers, and what the paper's interval says (:func:`verdict`)."""
+    rows = []
+    for label, folder in folders.items():
+        for _, r in pd.read_csv(f"{folder}/alpha_optimum.csv").iterrows():
+            rows.append({"model": label, "grid": r["grid"], "quantizer": r["quantizer"], "bits": int(r["bits"]),
+                         "best alpha": r["best alpha"],
+                         "ratio at best [95%]": f"{r['ratio at best']:.3f} [{r['best 95% low']:.3f}, "
+                                                f"{r['best 95% high']:.3f}]",
+                         "paper alpha": r["paper alpha"],
+                         "ratio at paper [95%]": f"{r['ratio at paper']:.3f} [{r['paper 95% low']:.3f}, "
+                                                 f"{r['paper 95% high']:.3f}]",
+                         "paper vs alpha 0": verdict(r["paper 95% low"], r["paper 95% high"]),
+                         "layers' best": "{:g}-{:g}".format(r["layers' best alpha min"], r["layers' best alpha max"])})
+    return pd.DataFrame(rows)
