@@ -123,6 +123,12 @@ says whether that interval at the paper's alpha lies below 1 (lower error than w
 end-to-end perplexity: a layer's error ratio says nothing about how errors compound through the blocks."""
 
 
+ALPHA_E2E = """\
+Stage `alpha_perplexity@<model>` (notebook alpha_perplexity): the whole model quantized block by block at each alpha,
+every calibration seed; a best alpha is a claim only where its rerun interval does not overlap the paper's alpha's
+("intervals overlap": no)."""
+
+
 def alpha_section(reports: Path) -> list[str]:
     """The section "alpha and scale" from the alpha sweep's folders under reports/alpha (one per model)."""
     root = reports / "alpha"
@@ -141,6 +147,13 @@ def alpha_section(reports: Path) -> list[str]:
     for name, folder in folders.items():
         parts += [f"### {name}", "", _strip_title((folder / "alpha_shrink.md").read_text()), "",
                   f"![alpha sweep {name}](alpha/{name}/alpha_sweep.png)", ""]
+    e2e = reports / "alpha_perplexity"
+    for folder in sorted(e2e.iterdir()) if e2e.is_dir() else []:
+        if (folder / "alpha_perplexity_best.md").is_file():
+            parts += [f"### {folder.name}: end to end (perplexity over alpha)", "", ALPHA_E2E, "",
+                      _strip_title((folder / "alpha_perplexity_best.md").read_text()), "",
+                      _strip_title((folder / "alpha_perplexity.md").read_text()), "",
+                      f"![alpha perplexity {folder.name}](alpha_perplexity/{folder.name}/alpha_perplexity.png)", ""]
     return parts
 
 

@@ -35,10 +35,10 @@ def model_and_calibration(model_name: str, calibration: Calibration, dtype: str 
 
 
 def run_cells(model_name: str, cells: dict, calibration: Calibration, evaluation, seeds=(0,), device: str = "cpu",
-              float_ppl: bool = True, work=None):
+              float_ppl: bool = True, work=None, forward_dtype: str | None = None):
     """Run quantize cells (name -> QuantConfig settings) for every calibration seed as the pipeline's stages
-    would, without saving the models, and the float model's perplexity; returns (folder of the cell folders,
-    float perplexity JSON)."""
+    would, without saving the models, and the float model's perplexity (forwards in ``forward_dtype``, default the
+    model's); returns (folder of the cell folders, float perplexity JSON)."""
     from ..core.methods import QuantConfig
     from ..pipeline.persistence import write_json
     from ..runs import perplexity_run, quantize_cell
@@ -46,10 +46,10 @@ def run_cells(model_name: str, cells: dict, calibration: Calibration, evaluation
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="magr-cells-"))
     for name, cell in cells.items():
         quantize_cell(model_name, work / "cells" / name, QuantConfig.build(**cell), seeds, calibration, evaluation,
-                      device=device, progress=False)
+                      device=device, progress=False, forward_dtype=forward_dtype)
     float_json = work / "float.json"
     if float_ppl:
-        write_json(float_json, perplexity_run(model_name, evaluation, device=device))
+        write_json(float_json, perplexity_run(model_name, evaluation, device=device, forward_dtype=forward_dtype))
     return work / "cells", float_json
 
 
