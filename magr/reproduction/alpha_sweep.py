@@ -94,7 +94,7 @@ class LayerData:
 
     block: int
     layer: str
-    W: torch.Tensor  # out x in, float32
+    W: torch.Tensor  # rows x in, float32: the layer's output channels (all, or a seeded sample of them)
     stats: LayerStats  # H over the calibration windows, H_last / X_last of the last one
     X_heldout: torch.Tensor  # held-out tokens x in, float32
 
@@ -125,12 +125,28 @@ def _layer_inputs(blk, names: Sequence[str]) -> dict[str, torch.Tensor]:
     return {name: torch.cat(parts, 0) for name, parts in seen.items()}
 
 
+def sample_rows(W: torch.Tensor, max_rows: int | None, seed: int = 0) -> torch.Tensor:
+    """``max_rows`` output channels of W drawn without replacement (seeded; all of them when None or more).
+
+    Exact for what the sweep measures row by row: MagR's penalty and SPG's steps, RTN's grids and OPTQ's column
+    updates act on each row alone given H, so a sampled row is quantized as in the whole layer; the layer's ratios
+    of Frobenius norms are then estimated from the sampled rows."""
+    if max_rows is None or max_rows >= W.shape[0]:
+        return W
+    if max_rows <= 0:
+        raise ValueError(f"max_rows={max_rows} must be positive (or None: every row)")
+    rows = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+    return W[rows.to(W.device)]
+
+
 @torch.no_grad()
 def layer_data(model, calib: torch.Tensor, heldout: torch.Tensor, layers: Sequence[tuple[int, str]], device="cpu",
-               forward_dtype: torch.dtype | None = None, progress: bool = True) -> list[LayerData]:
+               forward_dtype: torch.dtype | None = None, max_rows: int | None = None, seed: int = 0,
+               progress: bool = True) -> list[LayerData]:
     """The :class:`LayerData` of ``layers`` ((block, name) pairs): calibration and held-out windows (the same
     length) run together through the float model's blocks (:func:`magr.pipeline.calibration.walk_blocks`, forwards
-    in ``forward_dtype``); each layer's inputs are split into the calibration statistics and the held-out X."""
+    in ``forward_dtype``); each layer's inputs are split into the calibration statistics and the held-out X, and
+    its weight keeps ``max_rows`` sampled output channels (:func:`sample_rows`; None: all)."""
     if calib.shape[1] != heldout.shape[1]:
         raise ValueError(f"calibration windows of {calib.shape[1]} tokens and held-out windows of {heldout.shape[1]}: "
                          "they run through the blocks together and need one length")
@@ -145,7 +161,7 @@ def layer_data(model, calib: torch.Tensor, heldout: torch.Tensor, layers: Sequen
             st = LayerStats(X.shape[-1], X.device)
             st.has_last = True  # the last calibration window is MagR's X
             st.add(X[:n_calib])
-            W = blk.block.get_submodule(name).weight.data.float().clone()
+            W = sample_rows(blk.block.get_submodule(name).weight.data.float(), max_rows, seed).clone()
             out.append(LayerData(blk.index, name, W, st, X[n_calib:].reshape(-1, X.shape[-1])))
     return out
 
