@@ -183,28 +183,32 @@ def magr_weight(data: LayerData, alpha: float, group_size: int | None, settings:
 def sweep_layer(data: LayerData, alphas: Sequence[float], bits: Sequence[int], group_sizes: Sequence[int | None],
                 settings: dict) -> list[dict]:
     """One record per (grid, alpha, quantizer, bits) of one layer: row max |w| after MagR, output change, and
-    the quantized output error (module docstring), all on the held-out features."""
+    the quantized output error (module docstring), all on the held-out features.
+
+    The MagR weights of all alphas are quantized in one call per quantizer and bits, their rows stacked: RTN's
+    grids and OPTQ's column updates act on each row alone given H, so this is the same problem as one call per
+    alpha, with one Cholesky factor of H instead of one per alpha."""
     X, W = data.X_heldout, data.W
     ref = output_change(W, X)
     row_max_before = float(W.abs().amax(dim=1).mean())
     records = []
     for g in group_sizes:
-        for alpha in alphas:
-            t0 = time.perf_counter()
-            W2 = magr_weight(data, alpha, g, settings)
-            row_max = float(W2.abs().amax(dim=1).mean())
-            shrink = {"block": data.block, "layer": data.layer, "grid": grid_label(g), "alpha": alpha,
-                      "row max": row_max, "row max ratio": row_max / row_max_before,
-                      "output change": output_change(W2 - W, X) / ref}
-            errors = []
-            for b in bits:
-                for q in QUANTIZERS:
-                    cfg = QuantConfig.build(method=f"magr+{q}", bits=b, group_size=g, **settings)
-                    Q, _ = cfg.quantizer(W2, data.stats.H, cfg.grid)
-                    errors.append({"quantizer": cfg.quantizer.name.upper(), "bits": b, "beta": cfg.grid.beta,
-                                   "error": output_change(Q - W, X) / ref})
-            shrink["seconds"] = time.perf_counter() - t0  # MagR and every quantization of this alpha
-            records += [{**shrink, **e} for e in errors]
+        t0 = time.perf_counter()
+        weights = [magr_weight(data, alpha, g, settings) for alpha in alphas]
+        shrink = [{"block": data.block, "layer": data.layer, "grid": grid_label(g), "alpha": alpha,
+                   "row max": float(W2.abs().amax(dim=1).mean()),
+                   "row max ratio": float(W2.abs().amax(dim=1).mean()) / row_max_before,
+                   "output change": output_change(W2 - W, X) / ref} for alpha, W2 in zip(alphas, weights)]
+        stacked, errors = torch.cat(weights), [[] for _ in alphas]
+        for b in bits:
+            for q in QUANTIZERS:
+                cfg = QuantConfig.build(method=f"magr+{q}", bits=b, group_size=g, **settings)
+                Q, _ = cfg.quantizer(stacked, data.stats.H, cfg.grid)
+                for k, Qa in enumerate(torch.split(Q, W.shape[0])):
+                    errors[k].append({"quantizer": cfg.quantizer.name.upper(), "bits": b, "beta": cfg.grid.beta,
+                                      "error": output_change(Qa - W, X) / ref})
+        seconds = (time.perf_counter() - t0) / len(alphas)  # MagR and the quantizations, per alpha
+        records += [{**sh, "seconds": seconds, **e} for sh, errs in zip(shrink, errors) for e in errs]
     return records
 
 
