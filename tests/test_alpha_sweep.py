@@ -90,3 +90,15 @@ def test_optimum_and_verdicts_on_known_ratios(tmp_path):
     table = A.combined_optimum({"m": folder})
     assert table.loc[0, "paper vs alpha 0"] == "lower" and table.loc[0, "model"] == "m"
     assert A.verdict(0.9, 1.1) == "not distinguishable" and A.verdict(1.01, 1.2) == "higher"
+
+
+def test_heldout_windows_are_the_start_of_the_heldout_split(stories_tokenizer, tmp_path):
+    from magr.evaluation.perplexity import make_windows
+    from magr.pipeline.data import get_eval_tokens
+
+    full = get_eval_tokens("tinystories", stories_tokenizer, split="heldout")
+    assert torch.equal(A.heldout_windows("tinystories", stories_tokenizer, 64, 3), make_windows(full, 64, None, 3))
+    assert torch.equal(A.heldout_windows("tinystories", stories_tokenizer, 64, 3, bos_id=1), make_windows(full, 64, 1, 3))
+    (tmp_path / "mine.txt").write_text("a text of its own " * 100)
+    with pytest.raises(ValueError, match="local file"):
+        A.heldout_windows(str(tmp_path / "mine.txt"), stories_tokenizer, 64, 1)

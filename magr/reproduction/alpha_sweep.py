@@ -34,12 +34,15 @@ from ..core.preprocessing import MagR
 from ..core.quantizers import SUPPORTED_BITS
 from ..evaluation.perplexity import make_windows
 from ..pipeline.calibration import LayerStats, block_forward, walk_blocks
-from ..pipeline.data import EVAL_SPLITS, check_source, get_eval_tokens
+from ..pipeline.data import EVAL_SPLITS, check_source, eval_text, tokenize_text
 from ..pipeline.models import LINEAR_NAMES, parse_layers
 from .cells import t975
 
 log = logging.getLogger(__name__)
 
+HELDOUT_CHARS_PER_TOKEN = 32
+"""Characters of held-out text tokenized per token needed (English text: about 4 per token); the windows are
+taken from the start of the text, so tokenizing a prefix gives the same tokens as the whole text (checked)."""
 QUANTIZERS = ("rtn", "optq")
 """The quantizers after MagR: the presets ``magr+rtn`` and ``magr+optq`` (their grids; no refinement)."""
 
@@ -108,8 +111,12 @@ def heldout_windows(source: str, tokenizer, seqlen: int, windows: int, bos_id: i
     if name not in EVAL_SPLITS:
         raise ValueError(f"held-out tokens of {source!r}: a local file has no split apart from its calibration "
                          f"text; allowed: {', '.join(EVAL_SPLITS)}")
-    tokens = get_eval_tokens(source, tokenizer, split=EVAL_SPLITS[name][-1], data_root=data_root)
-    return make_windows(tokens, seqlen, bos_id, windows)
+    text = eval_text(source, EVAL_SPLITS[name][-1], data_root)
+    need = windows * seqlen + 1
+    tokens = tokenize_text(text[:HELDOUT_CHARS_PER_TOKEN * need], tokenizer)  # the windows come from the start
+    if tokens.numel() <= need:  # a text of unusually long tokens: all of it
+        tokens = tokenize_text(text, tokenizer)
+    return make_windows(tokens[:need], seqlen, bos_id, windows)
 
 
 def _layer_inputs(blk, names: Sequence[str]) -> dict[str, torch.Tensor]:

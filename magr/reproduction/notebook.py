@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 
 from ..pipeline.calibration_data import Calibration
-from ..pipeline.models import DTYPES, load_model
+from ..pipeline.models import DTYPES, hide_unused_imports, load_model
 
 
 def setup(name: str, threads: int = 0, out_dir=None) -> Path:
-    """Quiet logging, ``threads`` torch threads (0: torch's default), and the folder for the notebook's
+    """Quiet logging, no unused imports (:func:`magr.pipeline.models.hide_unused_imports`), ``threads`` torch
+    threads (0: torch's default), and the folder for the notebook's
     tables and figures: ``out_dir``, or a new temporary folder when None. Returns the folder."""
     logging.basicConfig(level=logging.WARNING)
+    hide_unused_imports()  # transformers would import torchao (the export extra's) on the first model load
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"magr-{name}-"))
