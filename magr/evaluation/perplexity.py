@@ -135,12 +135,12 @@ class Evaluation:
         if self.max_windows is not None and self.max_windows <= 0:
             raise ValueError(f"max_windows={self.max_windows} must be positive (or absent: all windows)")
 
-    def for_protocol(self, protocol) -> "Evaluation":
+    def for_protocol(self, protocol) -> Evaluation:
         """A copy with ``bos_per_window`` from the model family's :class:`magr.pipeline.families.WindowProtocol`
         unless set explicitly."""
         return self if self.bos_per_window is not None else replace(self, bos_per_window=protocol.eval_bos)
 
-    def for_model(self, model) -> "Evaluation":
+    def for_model(self, model) -> Evaluation:
         """:meth:`for_protocol` with the protocol of ``model`` (loaded model, config, alias, folder or .gguf)."""
         from ..pipeline.families import window_protocol
 

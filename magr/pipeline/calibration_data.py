@@ -176,12 +176,12 @@ class Calibration:
         """Fail before any long work if the source or its offline files are missing."""
         resolve_source(self.calib, data_root)
 
-    def for_protocol(self, protocol) -> "Calibration":
+    def for_protocol(self, protocol) -> Calibration:
         """A copy with ``calib_bos`` from the model family's :class:`magr.pipeline.families.WindowProtocol` unless
         set explicitly."""
         return self if self.calib_bos is not None else replace(self, calib_bos=protocol.calib_bos)
 
-    def for_model(self, model) -> "Calibration":
+    def for_model(self, model) -> Calibration:
         """:meth:`for_protocol` with the protocol of ``model`` (loaded model, config, alias, folder or .gguf)."""
         from .families import window_protocol
 
