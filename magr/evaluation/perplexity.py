@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,8 @@ class Evaluation:
     eval_batch: int = setting(1, "windows per forward pass")
     max_windows: int | None = setting(None, "evaluate only the first N windows of each set (default: all)",
                                       type=int)
-    bos_per_window: bool = setting(False, "start every window with BOS (the stories260K reference protocol)")
+    bos_per_window: bool | None = setting(None, "start every window with BOS (default: the model family's protocol, "
+                                                "magr.pipeline.families: Gemma yes, Llama no)", type=bool)
 
     def __post_init__(self):
         sets = self.eval_sets.split() if isinstance(self.eval_sets, str) else self.eval_sets
@@ -133,6 +134,26 @@ class Evaluation:
             raise ValueError(f"eval_batch={self.eval_batch} must be positive")
         if self.max_windows is not None and self.max_windows <= 0:
             raise ValueError(f"max_windows={self.max_windows} must be positive (or absent: all windows)")
+
+    def for_protocol(self, protocol) -> Evaluation:
+        """A copy with ``bos_per_window`` from the model family's :class:`magr.pipeline.families.WindowProtocol`
+        unless set explicitly."""
+        return self if self.bos_per_window is not None else replace(self, bos_per_window=protocol.eval_bos)
+
+    def for_model(self, model) -> Evaluation:
+        """:meth:`for_protocol` with the protocol of ``model`` (loaded model, config, alias, folder or .gguf)."""
+        from ..pipeline.families import window_protocol
+
+        return self if self.bos_per_window is not None else self.for_protocol(window_protocol(model))
+
+    def bos_id(self, tokenizer) -> int | None:
+        """The token every window starts with (None: windows as they are); ``bos_per_window`` None counts as
+        False (resolve it first with :meth:`for_model`)."""
+        if not self.bos_per_window:
+            return None
+        if tokenizer.bos_token_id is None:
+            raise ValueError("bos_per_window=True but the tokenizer has no BOS token; allowed: bos_per_window False")
+        return tokenizer.bos_token_id
 
     def check(self, data_root=None) -> None:
         """Fail before any long work if a set or its offline files are missing."""
@@ -149,7 +170,7 @@ class Evaluation:
         out = {}
         for name in self.eval_sets:
             tokens = get_eval_tokens(name, tokenizer, data_root=data_root)
-            bos = tokenizer.bos_token_id if self.bos_per_window else None
+            bos = self.bos_id(tokenizer)
             try:
                 n = make_windows(tokens, self.eval_seqlen, bos, self.max_windows).shape[0]
             except ValueError as exc:
@@ -163,14 +184,17 @@ class Evaluation:
     def perplexities(self, model, tokenizer, device=None, data_root=None, streams=None,
                      forward_dtype: torch.dtype | None = None) -> dict:
         """{set: {"ppl", "seconds", "seqlen", "max_windows", "windows", "bos_per_window"}} for every set;
-        ``streams``: the sets' tokens from :meth:`streams` (default: read and tokenized here);
+        ``streams``: the sets' tokens from :meth:`streams` (default: read and tokenized here); ``bos_per_window``
+        None: the protocol of ``model``'s family (:meth:`for_model`);
         ``forward_dtype``: the dtype of the forwards (None: the model's own)."""
+        if self.bos_per_window is None:
+            return self.for_model(model).perplexities(model, tokenizer, device, data_root, streams, forward_dtype)
         out = {}
         streams = self.streams(tokenizer, data_root) if streams is None else streams
         for name in self.eval_sets:
             t0 = time.perf_counter()
             tokens = streams[name]
-            bos = tokenizer.bos_token_id if self.bos_per_window else None
+            bos = self.bos_id(tokenizer)
             ppl = perplexity(model, tokens, seqlen=self.eval_seqlen, batch_size=self.eval_batch, device=device,
                              max_windows=self.max_windows, bos_id=bos, forward_dtype=forward_dtype)
             windows = make_windows(tokens, self.eval_seqlen, bos, self.max_windows).shape[0]

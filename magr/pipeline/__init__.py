@@ -1,7 +1,7 @@
 """The run: a model, its calibration data, and the block-by-block walk that quantizes it.
 
 - ``sources`` (where the shared data and the embedded models are), ``models`` (loading, architecture checks,
-  layer names), ``tokenizer``;
+  layer names), ``families`` (the window protocol of each model family: BOS per window or not), ``tokenizer``;
 - ``data`` (WikiText-2 / C4 / TinyStories text and tokens, offline first), ``calibration_data`` (the
   ``Calibration`` settings and the released sampler), ``calibration`` (block inputs, block forwards, layer
   statistics H);

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -119,9 +119,21 @@ def released_document_windows(docs, tokenizer, nsamples: int, seqlen: int, seed:
     return torch.stack(windows)
 
 
+def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """The windows with their first token replaced by ``bos_id``: BOS + seqlen - 1 tokens of text each (the
+    window protocol of families trained with BOS at every sequence start, :mod:`magr.pipeline.families`)."""
+    out = windows.clone()
+    out[:, 0] = bos_id
+    return out
+
+
 def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_root=None,
-                    sampler: str = "released") -> torch.Tensor:
-    """(nsamples, seqlen) LongTensor of calibration windows of ``source``, deterministic in ``seed``."""
+                    sampler: str = "released", bos: bool = False) -> torch.Tensor:
+    """(nsamples, seqlen) LongTensor of calibration windows of ``source``, deterministic in ``seed``; with ``bos``
+    each window starts with the tokenizer's BOS (:func:`with_bos`; the sampler draws the same windows)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos and bos_id is None:
+        raise ValueError("calib_bos=True but the tokenizer has no BOS token; allowed: calib_bos False")
     check_choice("sampler", sampler, SAMPLERS)
     docs, inside_documents = calibration_documents(source, data_root)
     windows = None
@@ -136,8 +148,9 @@ def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: in
             windows = released_text_windows(tokenize_text("\n\n".join(docs), tokenizer), nsamples, seqlen, seed)
         else:  # GPTQ's " "-joined train text, torch generator
             windows = joined_windows(tokenize_text(" ".join(docs), tokenizer), nsamples, seqlen, seed)
-    log.info("%s calibration: %d windows of %d tokens (%s sampler, seed %d)", source, nsamples, seqlen, sampler, seed)
-    return windows
+    log.info("%s calibration: %d windows of %d tokens (%s sampler, seed %d%s)", source, nsamples, seqlen, sampler, seed,
+             ", BOS first" if bos else "")
+    return with_bos(windows, bos_id) if bos else windows
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,8 @@ class Calibration:
     seed: int = setting(0, "calibration sampling seed")
     sampler: str = setting("released", "calibration sampler: released (the released code's loaders) or joined "
                                        "(windows of the joined documents)", choices=SAMPLERS)
+    calib_bos: bool | None = setting(None, "start every calibration window with BOS (default: the model family's "
+                                           "protocol, magr.pipeline.families: Gemma yes, Llama no)", type=bool)
 
     def __post_init__(self):
         if self.nsamples <= 0 or self.seqlen <= 0:
@@ -161,6 +176,19 @@ class Calibration:
         """Fail before any long work if the source or its offline files are missing."""
         resolve_source(self.calib, data_root)
 
+    def for_protocol(self, protocol) -> Calibration:
+        """A copy with ``calib_bos`` from the model family's :class:`magr.pipeline.families.WindowProtocol` unless
+        set explicitly."""
+        return self if self.calib_bos is not None else replace(self, calib_bos=protocol.calib_bos)
+
+    def for_model(self, model) -> Calibration:
+        """:meth:`for_protocol` with the protocol of ``model`` (loaded model, config, alias, folder or .gguf)."""
+        from .families import window_protocol
+
+        return self if self.calib_bos is not None else self.for_protocol(window_protocol(model))
+
     def tokens(self, tokenizer, data_root=None) -> torch.Tensor:
-        """The (nsamples, seqlen) calibration windows (:func:`get_calibration`)."""
-        return get_calibration(self.calib, tokenizer, self.nsamples, self.seqlen, self.seed, data_root, self.sampler)
+        """The (nsamples, seqlen) calibration windows (:func:`get_calibration`); ``calib_bos`` None counts as
+        False (resolve it first with :meth:`for_model`)."""
+        return get_calibration(self.calib, tokenizer, self.nsamples, self.seqlen, self.seed, data_root, self.sampler,
+                               bool(self.calib_bos))

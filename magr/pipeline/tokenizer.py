@@ -148,16 +148,42 @@ def _sentencepiece_folder_tokenizer(folder: Path) -> SentencePieceTokenizer | No
     return SentencePieceTokenizer(model_file)
 
 
+def _gguf_alias_tokenizer(alias: str, gguf: Path):
+    """The tokenizer of a GGUF alias, converted from the GGUF once and kept in the cache folder
+    (``$MAGR_CACHE_DIR/tokenizers/<alias>-<size>-<mtime>``: Gemma-3's 262k-token vocabulary takes about 20 s to
+    convert, its saved copy well under a second to load; the pipeline's saved models load such a copy too)."""
+    import os
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ..core.cbuild import cache_dir
+
+    stat = gguf.stat()
+    folder = cache_dir() / "tokenizers" / f"{alias}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    try:
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(folder)
+    except OSError:  # no writable cache, or another process was first: the converted tokenizer serves as it is
+        pass
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return tokenizer
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer :func:`magr.pipeline.models.load_model` returns for ``name_or_path`` (alias, GGUF, folder or hub id)."""
     from transformers import AutoTokenizer
 
-    from .sources import smollm2_gguf_path, stories260k_path
+    from .sources import GGUF_ALIASES, stories260k_path
 
     key = str(name_or_path).lower()
-    if key == "smollm2-135m":
-        gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if key in GGUF_ALIASES:
+        return _gguf_alias_tokenizer(key, GGUF_ALIASES[key]())
     if key == "stories260k":
         return SentencePieceTokenizer(stories260k_path() / "tokenizer.model")
     path = Path(name_or_path).expanduser()
