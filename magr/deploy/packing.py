@@ -38,6 +38,16 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits - 1):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack at {bits} bits, found "
                          f"[{int(codes.min())}, {int(codes.max())}]")
+    return _pack(codes, bits)
+
+
+CHUNK_BITS = 1 << 25  # stream bits packed at once (int64 temporaries of 256 MB): rows are packed in slices
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if codes.dim() > 1 and codes.numel() * bits > CHUNK_BITS:
+        rows = max(1, CHUNK_BITS // (codes[0].numel() * bits))
+        return torch.cat([_pack(codes[i : i + rows], bits) for i in range(0, codes.shape[0], rows)])
     *lead, n = codes.shape
     words = packed_length(n, bits)
     stream = (codes.unsqueeze(-1) >> _bit_planes(bits, codes.device)) & 1  # (..., n, bits): LSB first
