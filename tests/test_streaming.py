@@ -128,3 +128,21 @@ def test_a_source_that_cannot_stream_is_refused_under_load_stream(tmp_path, caps
     err = capsys.readouterr().err
     assert "cannot be streamed: streaming reads a folder of safetensors files; convert it once" in err
     assert "--load full" in err and not (tmp_path / "o").exists()
+
+
+def test_prepare_copies_a_folder_block_by_block_in_the_requested_dtype(tmp_path, shared):
+    from magr.pipeline.streaming import convert_folder
+    from magr.pipeline.tokenizer import load_tokenizer
+
+    convert_folder(stories260k_path(), tmp_path / "bf16", torch.bfloat16, load_tokenizer("stories260k"))
+    assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()
+    a, b = load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16)[0], load_model("stories260k", dtype=torch.bfloat16)[0]
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_readme_memory_table_is_the_computed_one():
+    from magr.pipeline.memory import LLAMA2, memory_table
+
+    assert memory_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [round(s.params / 1e9, 2) for s in LLAMA2.values()] == [6.74, 13.02, 68.98]  # the published sizes

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .models import checked_layers, decoder_layers, load_config, load_model, model_source
 from .persistence import PARAMS_FILE, grid_tensors, save_tokenizer, staged_folder
@@ -270,4 +271,38 @@ def save_streamed(source: StreamedModel, tokenizer, params, out, block_files: li
         total += sum(v.numel() * v.element_size() for v in resident.values())
         write_index(stage, weight_map, total)
     log.info("saved the quantized model to %s (%d shards, one per block)", out, n)
+    return out
+
+
+def convert_folder(source, out, dtype: torch.dtype, tokenizer=None) -> Path:
+    """Copy a safetensors model folder into ``out`` in ``dtype`` one block at a time (what the pipeline's
+    ``prepare`` stage does for a folder, so that a model larger than memory is never loaded whole): block i's
+    tensors become shard i, the others the last shard, the index is written last; config, generation config and
+    tokenizer go along."""
+    from transformers import AutoConfig
+
+    source, out = Path(source), Path(out)
+    files = TensorFiles.of_folder(source)
+    names = files.names()
+    n_blocks = 1 + max((int(k[len(LAYERS_PREFIX):].split(".")[0]) for k in names if k.startswith(LAYERS_PREFIX)),
+                       default=-1)
+    groups = [[k for k in names if k.startswith(f"{LAYERS_PREFIX}{i}.")] for i in range(n_blocks)]
+    groups.append([k for k in names if not k.startswith(LAYERS_PREFIX)])
+    n = len(groups)
+    with staged_folder(out, last=(INDEX_FILE,)) as stage:
+        config = AutoConfig.from_pretrained(str(source))
+        config.dtype = dtype
+        config.save_pretrained(stage)
+        if (source / "generation_config.json").is_file():
+            shutil.copyfile(source / "generation_config.json", stage / "generation_config.json")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, stage)
+        weight_map, total = {}, 0
+        for i, group in enumerate(tqdm(groups, desc="convert", unit="shard")):
+            tensors = files.read(group, dtype=dtype)
+            write_safetensors(stage / shard_name(i, n), tensors)
+            weight_map.update(dict.fromkeys(group, shard_name(i, n)))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        write_index(stage, weight_map, total)
+    log.info("converted %s to %s (%s, %d shards, one per block)", source, out, dtype, n)
     return out
