@@ -70,12 +70,11 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command given (put it after --)")
-    log = open(args.log, "w") if args.log else None
-    try:
-        out = run(command, int(args.limit_gib * GIB), args.interval, log)
-    finally:
-        if log is not None:
-            log.close()
+    if args.log:
+        with open(args.log, "w") as log:
+            out = run(command, int(args.limit_gib * GIB), args.interval, log)
+    else:
+        out = run(command, int(args.limit_gib * GIB), args.interval)
     print(json.dumps(out))
     return 0 if out["returncode"] == 0 else 1
 

@@ -79,9 +79,14 @@ def same_run(a: Path, b: Path) -> dict:
     return out
 
 
+def ppl(values: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
 def equality(args, params: dict) -> tuple[str, list]:
-    rows, lines = [], ["| method | grid | weights bit-identical | grids bit-identical | perplexity full | "
-                       "perplexity streamed | equal |", "|---|---|---|---|---|---|---|"]
+    header = ("| method | grid | weights bit-identical | grids bit-identical | perplexity full | perplexity streamed "
+              "| equal |")
+    rows, lines = [], [header, "|---|---|---|---|---|---|---|"]
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("max_windows", args.max_windows)) if v is not None}
     for group in (None, args.group_size):
         for method in METHODS:
@@ -92,7 +97,6 @@ def equality(args, params: dict) -> tuple[str, list]:
             seconds = {load: quantize(args.model, out, cli, load, args.threads) for load, out in runs.items()}
             r = {"cell": name, "seconds": seconds, **same_run(runs["full"], runs["stream"])}
             rows.append(r)
-            ppl = lambda d: ", ".join(f"{k} {v:.4f}" for k, v in d.items())  # noqa: E731
             lines.append(f"| {method} | {'g' + str(group) if group else 'per channel'} | {r['weights_identical']} "
                          f"({r['weights_tensors']}) | {r['grids_identical']} | {ppl(r['ppl_full'])} | "
                          f"{ppl(r['ppl_stream'])} | {r['ppl_equal']} |")

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults import (
+    assert_same_run,
+    clear_stale_lock,
+    folder_tensors,
+    run_with_fault,
+)
 
 from magr.cli import main
 from magr.core.methods import QuantConfig
@@ -17,7 +23,6 @@ from magr.pipeline.calibration_data import Calibration
 from magr.pipeline.models import load_model
 from magr.pipeline.sources import stories260k_path
 from magr.pipeline.streaming import StreamedModel, open_model
-from test_faults import assert_same_run, clear_stale_lock, folder_tensors, run_with_fault
 
 ARGS = ["--model", "stories260k", "--calib", "tinystories", "--nsamples", "4", "--seqlen", "64", "--iters", "10",
         "--cd-passes", "2", "--eval-sets", "tinystories", "--eval-seqlen", "64", "--max-windows", "3",

@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.settings import setting
-from ..pipeline.calibration import passthrough, block_forward, capture_block_inputs, layers_replaced
+from ..pipeline.calibration import (
+    block_forward,
+    capture_block_inputs,
+    layers_replaced,
+    passthrough,
+)
 from ..pipeline.models import forward_cast
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,7 @@ def streamed_nll(blocks, windows: torch.Tensor, batch_size: int, device, forward
         total = 0.0
         for i in range(0, windows.shape[0], batch_size):
             last = hidden[i:i + batch_size]
-            with layers_replaced(model, lambda k: (lambda *a, **kw: last) if k == 0 else passthrough):
+            with layers_replaced(model, lambda k, last=last: (lambda *a, **kw: last) if k == 0 else passthrough):
                 total += window_nll(model, windows[i:i + batch_size].to(device)).sum().item()
     return total
 

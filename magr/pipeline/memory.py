@@ -93,9 +93,9 @@ def memory_table(models: dict[str, Shapes] = LLAMA2, **protocol) -> str:
     """The README's table: per model, the streamed run's memory in GiB under ``protocol`` (the keywords of
     :func:`streaming_memory`; default the paper's: float16, 128 x 2048 calibration tokens, 256 x 2048 C4
     evaluation windows)."""
-    rows = ["| model | weights | one block | resident (embeddings, lm_head) | host (GPU run) | calibration "
-            "activations (in + out) | device: quantization | device: perplexity | a CPU run, in all |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | weights | one block | resident (embeddings, lm_head) | host (GPU run) | calibration "
+              "activations (in + out) | device: quantization | device: perplexity | a CPU run, in all |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, s in models.items():
         m = {k: v / GIB for k, v in streaming_memory(s, **protocol).items()}
         rows.append(f"| {name} | {m['model']:.1f} | {m['block']:.2f} | {m['resident']:.2f} | {m['host']:.2f} | "

@@ -46,7 +46,7 @@ def read_header(path) -> tuple[int, dict]:
         except (ValueError, UnicodeDecodeError):
             raise ValueError("its header is not valid JSON (not a safetensors file, or damaged)") from None
     if not isinstance(header, dict):
-        raise ValueError("its header is not valid JSON (not a safetensors file, or damaged)")
+        raise ValueError("its header is not valid JSON (not a safetensors file, or damaged)")  # noqa: TRY004
     header.pop("__metadata__", None)
     return 8 + n, header
 

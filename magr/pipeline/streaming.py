@@ -28,9 +28,22 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .models import checked_layers, decoder_layers, load_config, load_model, model_source
+from .models import (
+    checked_layers,
+    decoder_layers,
+    load_config,
+    load_model,
+    model_source,
+)
 from .persistence import PARAMS_FILE, grid_tensors, save_tokenizer, staged_folder
-from .shards import INDEX_FILE, TensorFiles, folder_files, shard_name, write_index, write_safetensors
+from .shards import (
+    INDEX_FILE,
+    TensorFiles,
+    folder_files,
+    shard_name,
+    write_index,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +199,9 @@ class StreamedModel:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="magr-prefetch")
             self._pending = (i + 1, self._reader.submit(self.read_block, i + 1))
+        elif self._reader is not None:  # the last block: the reader thread has nothing left to do
+            self._reader.shutdown(wait=False)
+            self._reader = None
         return tensors
 
     def open(self, i: int, device) -> nn.Module:
