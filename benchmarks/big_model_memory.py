@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", required=True, help="a folder for the run folders (removed after each run)")
     p.add_argument("--logs", required=True)
     p.add_argument("--limit-gib", type=float, default=16.0)
-    p.add_argument("--methods", nargs="+", default=["rtn", "optq"])
+    p.add_argument("--methods", nargs="*", default=["rtn", "optq"], help="the streamed runs")
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--windows", type=int, default=4, help="perplexity windows (of --seqlen tokens)")
@@ -81,16 +81,19 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="also run the first method with --load full")
     p.add_argument("--full-pythonpath", default=None, help="also run the first method with the code at this path "
                                                            "(main before streaming: it has no --load)")
+    p.add_argument("--full-method", default=None, help="the method of the full-load runs (default: the first)")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     args = p.parse_args(argv)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     here = str(HERE.parent)
     est = estimate(args, args.model)
-    rows = [measured(args, f"stream-{m}", m, "stream", here) for m in args.methods]
-    if args.full:
-        rows.append(measured(args, f"full-{args.methods[0]}", args.methods[0], "full", here))
+    full = args.full_method or args.methods[0]
+    rows = []  # the full loads first: they fail within minutes
     if args.full_pythonpath:
-        rows.append(measured(args, f"main-{args.methods[0]}", args.methods[0], "", args.full_pythonpath))
+        rows.append(measured(args, f"main-{full}", full, "", args.full_pythonpath))
+    if args.full:
+        rows.append(measured(args, f"full-{full}", full, "full", here))
+    rows += [measured(args, f"stream-{m}", m, "stream", here) for m in args.methods]
     lines = [f"estimate (magr.pipeline.memory, streamed, this protocol): {est:.2f} GiB + the Python / torch runtime",
              "| run | exit | wall s | peak RSS GiB | limit GiB | killed at the limit | ppl wikitext2 | GPTQ export |",
              "|---|---|---|---|---|---|---|---|"]
