@@ -87,7 +87,7 @@ def streamed_nll(blocks, windows: torch.Tensor, batch_size: int, device, forward
     with blocks.resident_on(device), forward_cast(model, forward_dtype):
         hidden, kwargs = capture_block_inputs(model, windows, device)  # the embeddings, in the forward dtype
         for i in tqdm(range(len(blocks)), desc=f"perplexity blocks ({windows.shape[0]} windows)",
-                      disable=not progress, unit="block"):
+                      disable=not progress):
             block = blocks.open(i, device)
             hidden = block_forward(block, hidden, kwargs[i], batch=batch_size, forward_dtype=forward_dtype)
             blocks.close(i, block)
