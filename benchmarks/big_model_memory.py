@@ -53,7 +53,8 @@ def measured(args, name: str, method: str, load: str, pythonpath: str) -> dict:
     with open(logs / f"{name}.log", "w") as log:
         done = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), "--limit-gib", str(args.limit_gib),
                                "--log", str(logs / f"{name}.rss.jsonl"), "--", *command],
-                              env=env, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
+                              env=env, stdout=subprocess.PIPE, stderr=log, text=True, check=False,
+                              cwd=pythonpath)  # `python -m` puts the working folder first on sys.path
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     (logs / f"{name}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     run_file = out / "magr_run.json"

@@ -88,8 +88,8 @@ def equality(args, params: dict) -> tuple[str, list]:
               "| equal |")
     rows, lines = [], [header, "|---|---|---|---|---|---|---|"]
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("max_windows", args.max_windows)) if v is not None}
-    for group in (None, args.group_size):
-        for method in METHODS:
+    for group in [None, args.group_size][1 if args.groups_only else 0:]:
+        for method in args.methods:
             cell = {"method": method, "bits": 3, **({"group_size": group} if group else {})}
             name = f"{method}-{'g' + str(group) if group else 'channel'}"
             cli = cell_flags(params, cell, overrides)
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--pairs", type=int, default=3, help="speed: full / streamed pairs")
     p.add_argument("--group-size", type=int, default=64, help="equality: the per-group cells' group size")
+    p.add_argument("--groups-only", action="store_true", help="equality: only the per-group cells")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="equality: the methods (default: all four)")
     p.add_argument("--nsamples", type=int, default=None, help="equality: fewer calibration windows than params.yaml")
     p.add_argument("--max-windows", type=int, default=None, help="equality: fewer evaluation windows")
     args = p.parse_args(argv)
