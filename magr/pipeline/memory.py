@@ -6,7 +6,8 @@ A streamed run (:mod:`magr.pipeline.streaming`) holds, besides the Python / torc
   blocks' tensors read from disk (the open block and the prefetched next one);
 - compute device: the open block in the model's dtype; the method's float32 working set on the largest group of
   layers sharing an input (an upper estimate: four copies of the group's weights, as MagR's iterates and OPTQ's
-  W, Q and errors, and three of its H = X^T X, as H, its damped Cholesky factor and inverse); the calibration
+  W, Q and errors, and five of its H = X^T X: the statistics, OPTQ's copy, the damped sum, its Cholesky factor and
+  the inverse, which coexist in :func:`magr.core.optq.damped_inverse_cholesky`); the calibration
   activations, block inputs and outputs, nsamples x seqlen x hidden each in the forward dtype; one forward batch's
   MLP intermediates; and for perplexity every window's hidden states (inputs and outputs of a block).
 
@@ -62,7 +63,7 @@ def working_set_bytes(s: Shapes) -> int:
     """The method's float32 working set on the largest group of layers sharing an input (module docstring)."""
     h, f, kv = s.hidden, s.intermediate, s.kv_width
     groups = [(h * (h + 2 * kv), h), (h * h, h), (2 * h * f, h), (h * f, f)]  # (weights, inputs) of q/k/v, o, gate/up, down
-    return max(4 * 4 * w + 3 * 4 * n * n for w, n in groups)
+    return max(4 * 4 * w + 5 * 4 * n * n for w, n in groups)
 
 
 def streaming_memory(s: Shapes, nsamples: int = 128, seqlen: int = 2048, dtype_bytes: int = 2,
