@@ -88,21 +88,12 @@ def zero_counts(folder: Path) -> dict:
 
 
 def linear_bytes(folder: Path, layers: set[str]) -> tuple[int, int]:
-    """(bytes of the quantized layers' tensors, bytes of every tensor) in model.safetensors."""
-    from safetensors import safe_open
+    """(bytes of the quantized layers' tensors, bytes of every tensor) in the folder's weight files."""
+    from magr.pipeline.shards import TensorFiles
 
-    lin = total = 0
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            t = f.get_slice(key)
-            n = 1
-            for d in t.get_shape():
-                n *= d
-            size = n * {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}[t.get_dtype()]
-            total += size
-            if key.rsplit(".", 1)[0] in layers:
-                lin += size
-    return lin, total
+    files = TensorFiles.of_folder(folder)
+    lin = files.nbytes([key for key in files.names() if key.rsplit(".", 1)[0] in layers])
+    return lin, files.nbytes()
 
 
 @torch.no_grad()

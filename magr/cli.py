@@ -9,7 +9,7 @@ Examples:
 
 An interrupted `magr quantize` (Ctrl-C, a crash, a kill) resumes from its block checkpoints when rerun
 with the same command; checkpoints of another model, dtype, settings or calibration are never mixed in
-(--resume). Errors are one line on stderr: exit code 2 for a bad argument or resource (found before any
+(--resume). A folder of safetensors files is streamed one decoder block at a time (--load). Errors are one line on stderr: exit code 2 for a bad argument or resource (found before any
 long work), 1 for an operating-system error (disk full, permissions), 130 for Ctrl-C.
 
 Every algorithm, calibration and evaluation setting is a flag named after its config field
@@ -33,6 +33,7 @@ from .core.methods import PRESETS, setting_names
 from .pipeline.models import DTYPES, hide_unused_imports
 from .pipeline.persistence import dumps, write_json
 from .pipeline.preflight import check_writable
+from .pipeline.streaming import LOAD_MODES
 from .core.settings import flat_fields
 
 log = logging.getLogger("magr")
@@ -76,6 +77,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _load(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load", default="auto", choices=LOAD_MODES,
+                   help="auto (default): a folder of safetensors files is streamed, one decoder block at a time "
+                        "from disk (host memory: the embeddings, lm_head and two blocks), anything else (.gguf, "
+                        "hub id) is loaded whole; stream: insist on streaming; full: load the whole model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run once per calibration seed, into OUT/seed-<seed> (replaces --seed; a method that "
                         "reads no calibration data, RTN, runs once); --save keeps the first seed's model")
     q.add_argument("--out", required=True, help="output folder (magr_run.json, magr_layers.json, the model)")
+    _load(q)
     q.add_argument("--checkpoint-dir", default=None,
                    help="save each finished block here and resume an interrupted run (default: OUT/.blocks)")
     q.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -119,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", help="run folder written by `magr quantize` (with the model saved)")
     _add_settings(x, flat_fields(Export))
     x.add_argument("--out", required=True, help="output folder (new or empty)")
+    _load(x)
     x.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     e = sub.add_parser("ppl", help="perplexity of a model (hub id, folder or alias)")
     _common(e)
     _add_settings(e, flat_fields(Evaluation))
+    _load(e)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     z = sub.add_parser("zeroshot", help="lm-eval zero-shot accuracy (ARC-e/c, PIQA, Winogrande)")
@@ -151,7 +162,7 @@ def cmd_quantize(args) -> dict:
     evaluation = Evaluation(**_given(args, flat_fields(Evaluation)))
     export = None if args.save_format == "float" else Export(args.save_format, args.gptq_version)
     options = dict(dtype=args.dtype, forward_dtype=args.forward_dtype, device=args.device, data_root=args.data_root,
-                   resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+                   resume=args.resume, keep_checkpoints=args.keep_checkpoints, load=args.load)
     if args.seeds is not None:
         if args.checkpoint_dir:
             raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
@@ -164,7 +175,7 @@ def cmd_quantize(args) -> dict:
 def cmd_export(args) -> dict:
     from .deploy.export import export_run
 
-    out = export_run(args.run_dir, args.out, Export(**_given(args, flat_fields(Export))))
+    out = export_run(args.run_dir, args.out, Export(**_given(args, flat_fields(Export))), load=args.load)
     return {"run": args.run_dir, "out": str(out), **json.loads((out / "magr_export.json").read_text())}
 
 
@@ -172,7 +183,8 @@ def cmd_ppl(args) -> dict:
     from .runs import perplexity_run
 
     out = perplexity_run(args.model, Evaluation(**_given(args, flat_fields(Evaluation))), dtype=args.dtype,
-                         device=args.device, data_root=args.data_root, forward_dtype=args.forward_dtype)
+                         device=args.device, data_root=args.data_root, forward_dtype=args.forward_dtype,
+                         load=args.load)
     if args.json:
         write_json(args.json, out)
     return out

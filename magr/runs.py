@@ -14,12 +14,13 @@ from .pipeline import preflight
 from .pipeline.calibration_data import Calibration
 from .pipeline.checkpoints import RESUME_POLICIES
 from .evaluation.perplexity import Evaluation
-from .deploy.export import Export, check_exportable, check_output_folder, export_model
+from .deploy.export import Export, check_exportable, check_output_folder, export_model, export_streamed
 from .core.methods import QuantConfig
 from .pipeline.families import window_protocol
 from .pipeline.models import DTYPES, linear_shapes, load_model, resolve_device
 from .pipeline.persistence import retire_run, run_lock, save_quantized, write_run
 from .pipeline.blocks import Interrupted, quantize_model
+from .pipeline.streaming import open_model, save_streamed, will_stream
 from .core.settings import check_choice
 from .pipeline.machine import NATIVE_HALF, native_half
 from .pipeline.tokenizer import load_tokenizer
@@ -49,7 +50,7 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
                  evaluation: Evaluation = Evaluation(), dtype: str = "float32", device: str | None = None,
                  data_root=None, save: bool = True, checkpoint_dir=None, progress: bool = True,
                  resume: str = "auto", keep_checkpoints: bool = False, export: Export | None = None,
-                 forward_dtype: str | None = None, streams: dict | None = None) -> dict:
+                 forward_dtype: str | None = None, streams: dict | None = None, load: str = "auto") -> dict:
     """Quantize ``model`` (alias, folder, .gguf or hub id) with ``quant``, evaluate it, write the run folder.
 
     ``out`` receives ``magr_run.json`` and ``magr_layers.json`` (and, with ``save``, the model and its
@@ -58,25 +59,29 @@ def quantize_run(model: str, out, quant: QuantConfig, calibration: Calibration =
     run is written unless ``keep_checkpoints``. With ``export``, the packed checkpoint also goes to
     ``out/<format>`` (:func:`magr.deploy.export.export_model`). ``forward_dtype`` (default ``dtype``): the dtype
     of the model's forwards, calibration propagation and evaluation (the math stays float32). ``streams``: the
-    evaluation sets' tokens, when the caller has them already (:func:`quantize_cell`). Returns the run metadata.
+    evaluation sets' tokens, when the caller has them already (:func:`quantize_cell`). ``load``: ``auto`` streams
+    a safetensors folder one block at a time from disk to disk (:mod:`magr.pipeline.streaming`; its block
+    checkpoints are then always written, and removed at the end unless kept, also without ``save``), ``stream``
+    insists on it, ``full`` loads the whole model. Returns the run metadata.
     """
     dev = resolve_device(device)
     forward = forward_dtype_of(dtype, forward_dtype, dev)
     calibration.check(data_root)
     evaluation.check(data_root)
+    streamed = will_stream(model, load)
     protocol = window_protocol(model)  # the model family's windows, unless the settings fix them
     calibration, evaluation = calibration.for_protocol(protocol), evaluation.for_protocol(protocol)
     out = Path(out)
-    ckpt = preflight.default_checkpoint_dir(out, save, checkpoint_dir)
+    ckpt = preflight.default_checkpoint_dir(out, save or streamed, checkpoint_dir)
     preflight.check_output(out, model, ckpt, save)
     check_choice("resume", resume, RESUME_POLICIES)
     with run_lock(out):  # a second run into `out` refuses from here until this one ends
         return _quantize_locked(model, out, quant, calibration, evaluation, dtype, dev, forward, data_root, save, ckpt,
-                                progress, resume, keep_checkpoints, export, streams)
+                                progress, resume, keep_checkpoints, export, streams, "stream" if streamed else "full")
 
 
 def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, dev, forward, data_root, save, ckpt,
-                     progress, resume, keep_checkpoints, export, streams) -> dict:
+                     progress, resume, keep_checkpoints, export, streams, load) -> dict:
     """:func:`quantize_run` once ``out`` is checked and locked: the remaining checks, then the work."""
     if export is not None:
         if not save:
@@ -85,7 +90,7 @@ def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, de
 
     def check(net):  # architecture, layer widths, context, disk space, the export format's limits
         preflight.check_model(net, quant, calibration, evaluation)
-        preflight.check_disk_space(net, quant.grid.group_size, out, save, ckpt)
+        preflight.check_disk_space(net, quant.grid.group_size, out, save, ckpt, linked=load == "stream")
         if export is not None:
             check_exportable(quant.grid, export, linear_shapes(net), net)
 
@@ -97,26 +102,29 @@ def _quantize_locked(model, out: Path, quant, calibration, evaluation, dtype, de
     if streams is None:
         streams = evaluation.streams(tokenizer, data_root)
     calib = calibration.tokens(tokenizer, data_root)
-    net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
+    net, tokenizer, blocks = open_model(model, DTYPES[dtype], tokenizer, load)
     if skeleton is None:  # a .gguf: its config came with the weights
         check(net)
-    preflight.check_finite(net)
+    preflight.check_finite(net, blocks)  # a streamed model: one pass over its blocks
     result = quantize_model(net, calib, quant, device=dev, progress=progress, checkpoint_dir=ckpt, resume=resume,
-                            forward_dtype=DTYPES[forward])
+                            forward_dtype=DTYPES[forward], blocks=blocks)
+    quantized = result.quantized  # streamed: the blocks are read back from their checkpoints; else None
     try:
         retire_run(out)
-        if save:
+        if save and quantized is not None:
+            save_streamed(quantized, tokenizer, result.params, out, [result.checkpoints.shard(i) for i in range(len(quantized))])
+        elif save:
             save_quantized(net, tokenizer, result.params, out)
-        meta = {"model": str(model), "dtype": dtype, "forward_dtype": forward, "device": str(dev),
+        meta = {"model": str(model), "dtype": dtype, "forward_dtype": forward, "device": str(dev), "load": load,
                 "config": quant.to_dict(), "window_protocol": _windows(model, calibration, evaluation),
                 "calibration": asdict(calibration), "seconds": result.seconds,
                 "block_seconds": result.block_seconds, "saved": save, "resumed_blocks": result.resumed}
         if evaluation.eval_sets:
             meta["ppl"] = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams,
-                                                  forward_dtype=DTYPES[forward])
+                                                  forward_dtype=DTYPES[forward], blocks=quantized)
         write_run(out, meta, result.records)
         if export is not None:
-            export_model(net, tokenizer, result.params, quant.grid, out / export.format, export, source=str(out))
+            _export(net, tokenizer, result.params, quant.grid, out, export, quantized, dtype)
     except KeyboardInterrupt:
         kept = f"every block is saved in {ckpt}; rerun the same command to finish" if ckpt else "nothing saved"
         raise Interrupted(f"interrupted after quantizing, before {out} was written: {kept}") from None
@@ -129,6 +137,17 @@ def _windows(model, calibration: Calibration, evaluation: Evaluation) -> dict:
     """What a run's windows start with: its model family's protocol and the settings used (run metadata)."""
     return {**window_protocol(model).to_dict(), "calib_bos": calibration.calib_bos,
             "eval_bos": evaluation.bos_per_window}
+
+
+def _export(net, tokenizer, params, grid, out: Path, export: Export, quantized, dtype: str) -> None:
+    """The packed checkpoint in ``out/<format>``: block by block for a streamed model (GGUF, one file, reads the
+    saved run folder whole), else from the model in memory."""
+    if quantized is not None and export.format == "gguf":
+        net, tokenizer = load_model(str(out), dtype=DTYPES[dtype], tokenizer=tokenizer)
+    elif quantized is not None:
+        export_streamed(quantized, tokenizer, params, grid, out / export.format, export, source=str(out))
+        return
+    export_model(net, tokenizer, params, grid, out / export.format, export, source=str(out))
 
 
 def seed_folder(out, seed: int) -> Path:
@@ -162,9 +181,10 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
 
 
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,
-                   data_root=None, forward_dtype: str | None = None) -> dict:
+                   data_root=None, forward_dtype: str | None = None, load: str = "auto") -> dict:
     """Perplexity of ``model`` on every set of ``evaluation``: {"model", "dtype", "forward_dtype", "ppl": {set:
-    {...}}}, the forwards in ``forward_dtype`` (default ``dtype``)."""
+    {...}}}, the forwards in ``forward_dtype`` (default ``dtype``); ``load`` as in :func:`quantize_run` (a
+    streamed model goes through its blocks one at a time: :func:`magr.evaluation.perplexity.streamed_nll`)."""
     dev = resolve_device(device)
     forward = forward_dtype_of(dtype, forward_dtype, dev)
     if not evaluation.eval_sets:
@@ -175,9 +195,12 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])
     if skeleton is not None:
         preflight.check_context(skeleton, evaluation.eval_seqlen, "eval_seqlen")
+    will_stream(model, load)  # a source that cannot stream under --load stream: refused before any work
     tokenizer = load_tokenizer(model)
     streams = evaluation.streams(tokenizer, data_root)
-    net, tokenizer = load_model(model, dtype=DTYPES[dtype], tokenizer=tokenizer)
-    ppl = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams, forward_dtype=DTYPES[forward])
+    net, tokenizer, blocks = open_model(model, DTYPES[dtype], tokenizer, load)
+    ppl = evaluation.perplexities(net, tokenizer, dev, data_root, streams=streams, forward_dtype=DTYPES[forward],
+                                  blocks=blocks)
     protocol = {**window_protocol(model).to_dict(), "eval_bos": evaluation.bos_per_window}
-    return {"model": str(model), "dtype": dtype, "forward_dtype": forward, "window_protocol": protocol, "ppl": ppl}
+    return {"model": str(model), "dtype": dtype, "forward_dtype": forward, "load": load, "window_protocol": protocol,
+            "ppl": ppl}

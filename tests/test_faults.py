@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from magr.cli import main
 from magr.pipeline.models import load_model
+from magr.pipeline.shards import TensorFiles
 
 HERE = Path(__file__).resolve().parent
 N_BLOCKS = 5  # stories260K
@@ -37,10 +38,16 @@ def run_with_fault(fault: str, block: int, out, *extra) -> subprocess.CompletedP
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a saved model folder (one model.safetensors, or shards with an index)."""
+    files = TensorFiles.of_folder(folder)
+    return files.read(files.names())
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     """Bit-identical weights and grids."""
-    for name in ("model.safetensors", "magr_qparams.safetensors"):
-        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+    for name, read in (("weights", folder_tensors), ("grids", lambda f: load_file(str(f / "magr_qparams.safetensors")))):
+        ta, tb = read(a), read(b)
         assert ta.keys() == tb.keys()
         differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
         assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
@@ -107,7 +114,8 @@ def test_kill_in_the_middle_of_a_checkpoint_write_then_resume(reference, tmp_pat
     killed = run_with_fault("kill-mid-write", block, out, "--method", "magr+optq", "--cd-passes", "2")
     assert killed.returncode == -9, killed.stderr[-2000:]
     names = sorted(p.name for p in (out / ".blocks").iterdir() if not p.name.startswith("."))
-    assert names == [f"block_{i:03d}.{s}" for i in range(block) for s in ("json", "pt")], f"killed in block {block}"
+    assert names == [f"block_{i:03d}.{s}" for i in range(block) for s in ("json", "pt", "safetensors")], (
+        f"killed in block {block}")
     clear_stale_lock(out, capsys)
     assert quantize(out, "--method", "magr+optq", "--cd-passes", "2") == 0
     assert json.loads((out / "magr_run.json").read_text())["resumed_blocks"] == list(range(block))

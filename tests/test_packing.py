@@ -72,3 +72,12 @@ def test_same_words_as_compressed_tensors(args):
     signed = (codes - 2 ** (bits - 1)).to(torch.int8)  # compressed-tensors packs signed codes + 2^(b-1)
     assert torch.equal(pack_int32(codes, bits), helpers.pack_to_int32(signed, bits))
     assert torch.equal(pack_int32(codes.T, bits).T, helpers.pack_to_int32(signed, bits, packed_dim=0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 32, 172, 4096])
+def test_whole_word_packing_gives_the_bit_stream_words(bits, n):
+    from magr.deploy.packing import _pack_stream, _pack_whole
+
+    codes = torch.randint(0, 2**bits, (5, n), generator=torch.Generator().manual_seed(n * bits))
+    assert torch.equal(_pack_whole(codes, bits), _pack_stream(codes, bits))

@@ -120,10 +120,14 @@ def test_disk_space_estimate_matches_what_a_run_writes_and_is_checked(tmp_path, 
     out = tmp_path / "run"
     assert main(["quantize", "--model", "stories260k", "--out", str(out), *ARGS, "--keep-checkpoints"]) == 0
     (ckpt, need_ckpt, _), (_, need_out, _) = preflight.estimate_bytes(net, None, out, True, tmp_path / "new")
-    written_ckpt = sum(f.stat().st_size for f in (out / ".blocks").glob("*.pt"))
+    written_ckpt = sum(f.stat().st_size for f in (out / ".blocks").glob("*.*") if f.suffix in (".pt", ".safetensors"))
     written_out = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert 0.8 * written_ckpt < need_ckpt < 1.2 * written_ckpt
     assert 0.8 * written_out < need_out < 1.2 * written_out
+    # a streamed run links its checkpoints as the saved model's block shards: only the rest takes new space
+    need_linked = preflight.estimate_bytes(net, None, out, True, out / ".blocks", linked=True)[1][1]
+    rest = written_out - sum(f.stat().st_size for f in (out / ".blocks").glob("*.safetensors"))
+    assert 0.8 * rest < need_linked < 1.2 * rest
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type("U", (), {"free": need_out // 2})())
     with pytest.raises(ValueError, match=r"not enough disk space: 0.00\d GB needed \(block checkpoints .* quantized model"):
         preflight.check_disk_space(net, None, tmp_path / "x", True, tmp_path / "x" / ".blocks")

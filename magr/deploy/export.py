@@ -39,8 +39,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..pipeline.models import linear_shapes
+from ..pipeline.shards import shard_name, write_index, write_safetensors
+from ..pipeline.streaming import LAYERS_PREFIX
 from .packing import pack_int32
 from ..pipeline.persistence import PARAMS_FILE, load_quant_params, lock_problem, read_run, save_tokenizer, write_json
 from ..core.quantizers import Grid, QuantParams
@@ -93,9 +96,9 @@ def _first(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0])
 
 
-def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
-    """The integer codes of a saved weight on its saved grid (module docstring), or ValueError naming the
-    layer, the row, the value and what is allowed."""
+def check_grid(name: str, p: QuantParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of a layer's grid in float32, once every scale is finite and positive and every zero point
+    an integer in [0, 2^b - 1]; else ValueError naming the layer, the row and group, and what is allowed."""
     maxq = p.maxq
     scale, zero = p.scale.float(), p.zero.float()
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
@@ -109,6 +112,14 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
             f"in [0, {maxq}] at {maxq.bit_length()} bits ({int(bad.sum())} of {bad.numel()} grids are outside). "
             "With beta < 1 a row or group of mostly negative weights gets round(-min/delta) > 2^bits - 1: "
             "quantize again with --clamp-zero (Grid(clamp_zero=True))")
+    return scale, zero
+
+
+def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
+    """The integer codes of a saved weight on its saved grid (module docstring), or ValueError naming the
+    layer, the row, the value and what is allowed."""
+    maxq = p.maxq
+    scale, zero = check_grid(name, p)
     Wf = W.float()
     s, z = (t.float() for t in p.columns())
     q = torch.round(Wf / s) + z
@@ -126,19 +137,35 @@ def layer_codes(name: str, W: torch.Tensor, p: QuantParams) -> LayerCodes:
     return LayerCodes(q.long(), scale, zero.long(), p.g_idx.long())
 
 
-def model_codes(model: nn.Module, params: dict[str, QuantParams]) -> dict[str, LayerCodes]:
-    """:func:`layer_codes` of every quantized layer; ValueError if a decoder linear layer has no grid."""
+def _check_all_quantized(model: nn.Module, params: dict[str, QuantParams]) -> None:
     missing = sorted(set(linear_shapes(model)) - set(params))
     if missing:
         raise ValueError(f"no grid for {len(missing)} linear layer(s), e.g. {missing[0]}; every decoder linear "
                          "layer must be quantized to export")
+
+
+def model_codes(model: nn.Module, params: dict[str, QuantParams]) -> dict[str, LayerCodes]:
+    """:func:`layer_codes` of every quantized layer; ValueError if a decoder linear layer has no grid."""
+    _check_all_quantized(model, params)
     return {name: layer_codes(name, model.get_submodule(name).weight.data.cpu(), params[name].cpu())
             for name in sorted(params)}
 
 
-def _trivial_g_idx(lc: LayerCodes) -> bool:
-    n, groups = lc.codes.shape[1], lc.scale.shape[1]
-    return torch.equal(lc.g_idx, torch.arange(n) // (n // groups))
+def _trivial_g_idx(p: QuantParams) -> bool:
+    n, groups = p.g_idx.numel(), p.scale.shape[1]
+    return torch.equal(p.g_idx.long().cpu(), torch.arange(n) // (n // groups))
+
+
+def _layout(export: Export, params: dict[str, QuantParams]) -> tuple[str | None, bool]:
+    """(GPTQ version or None, desc_act) of the checkpoint, from the grids alone (each checked first); ValueError
+    for a permuted g_idx in a format that cannot hold one."""
+    zeros = {name: check_grid(name, params[name])[1].long() for name in sorted(params)}
+    desc_act = not all(_trivial_g_idx(p) for p in params.values())
+    if desc_act and export.format != "gptq":
+        what = "GGUF blocks take" if export.format == "gguf" else f"{export.format} export takes"
+        raise ValueError(f"this run's g_idx is permuted (act-order with static groups); {what} g_idx = "
+                         "input // group_size only; allowed: --format gptq")
+    return (_gptq_version(export, zeros) if export.format == "gptq" else None), desc_act
 
 
 def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, int]], model=None) -> None:
@@ -164,11 +191,11 @@ def check_exportable(grid: Grid, export: Export, shapes: dict[str, tuple[int, in
 
 
 # -------------------------------------------------------------------------------------------- writers
-def _gptq_version(export: Export, codes: dict[str, LayerCodes]) -> str:
-    name = next((n for n, lc in codes.items() if bool((lc.zero == 0).any())), None)  # first layer with a zero 0
+def _gptq_version(export: Export, zeros: dict[str, torch.Tensor]) -> str:
+    name = next((n for n, zero in zeros.items() if bool((zero == 0).any())), None)  # first layer with a zero 0
     has_zero0 = name is not None
     if export.gptq_version == "v1" and has_zero0:
-        r, g = _first(codes[name].zero == 0)
+        r, g = _first(zeros[name] == 0)
         raise ValueError(f"{name}: row {r} group {g} has zero point 0, which GPTQ v1 (stores zero - 1) cannot "
                          "hold; allowed with v1: zero points 1..2^bits-1; use --gptq-version v2 or auto")
     version = "v2" if export.gptq_version == "v2" or has_zero0 else "v1"
@@ -212,14 +239,25 @@ def quantization_config(grid: Grid, export: Export, version: str, desc_act: bool
             "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
 
 
+def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors in float16 (embeddings, norms, lm_head, biases are stored so), on the CPU."""
+    return {k: (v.to(torch.float16) if v.is_floating_point() else v).cpu().contiguous() for k, v in state.items()}
+
+
 def _float_tensors(model: nn.Module, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every parameter and buffer saved by save_pretrained except the quantized weights, in float16."""
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     skip = {f"{n}.weight" for n in quantized}
-    return {k: (v.to(torch.float16) if v.is_floating_point() else v).cpu().contiguous()
-            for k, v in state.items() if k not in skip}
+    return _half({k: v for k, v in state.items() if k not in skip})
+
+
+def _packed(name: str, lc: LayerCodes, grid: Grid, export: Export, version: str | None) -> dict[str, torch.Tensor]:
+    """One layer's tensors in the export format."""
+    if export.format == "gptq":
+        return gptq_tensors(name, lc, grid.bits, version)
+    return ct_tensors(name, lc, grid.bits, grid.sym)
 
 
 def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], grid: Grid, out,
@@ -229,28 +267,62 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
 
     out = check_output_folder(out)
     check_exportable(grid, export, linear_shapes(model))
+    _check_all_quantized(model, params)
+    version, desc_act = _layout(export, params)
     codes = model_codes(model, params)
-    desc_act = not all(_trivial_g_idx(lc) for lc in codes.values())
-    if desc_act and export.format == "compressed-tensors":
-        raise ValueError("this run's g_idx is permuted (act-order with static groups); compressed-tensors export "
-                         "takes g_idx = input // group_size only; allowed: --format gptq")
     if export.format == "gguf":
-        if desc_act:
-            raise ValueError("this run's g_idx is permuted (act-order with static groups); GGUF blocks take "
-                             "g_idx = input // group_size only; allowed: --format gptq")
         return _write_gguf_folder(model, tokenizer, codes, grid, out, export, source)
-    version = _gptq_version(export, codes) if export.format == "gptq" else None
     tensors = _float_tensors(model, set(codes))
     for name, lc in codes.items():
+        tensors.update(_packed(name, lc, grid, export, version))
         bias = model.get_submodule(name).bias
-        if export.format == "gptq":
-            tensors.update(gptq_tensors(name, lc, grid.bits, version))
-        else:
-            tensors.update(ct_tensors(name, lc, grid.bits, grid.sym))
         if bias is not None:
             tensors[f"{name}.bias"] = bias.data.to(torch.float16).cpu()
-    qcfg = quantization_config(grid, export, version, desc_act)
 
+    def write_weights(folder: Path) -> None:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    return _write_folder(model, tokenizer, grid, export, version, desc_act, out, source, len(codes), write_weights)
+
+
+def export_streamed(source_model, tokenizer, params: dict[str, QuantParams], grid: Grid, out,
+                    export: Export = Export(), source: str | None = None) -> Path:
+    """:func:`export_model` of a streamed model (:class:`magr.pipeline.streaming.StreamedModel`), block by
+    block: block i's tensors are read, packed and written as shard i, then dropped; the resident tensors are the
+    last shard and the index is written after them (GPTQ and compressed-tensors; GGUF needs the whole model)."""
+    model = source_model.model
+    out = check_output_folder(out)
+    if export.format == "gguf":
+        raise ValueError("a GGUF export reads the whole model; export the saved run folder with its full load")
+    check_exportable(grid, export, linear_shapes(model))
+    _check_all_quantized(model, params)
+    version, desc_act = _layout(export, params)
+    n = len(source_model) + 1
+
+    def write_weights(folder: Path) -> None:
+        weight_map, total = {}, 0
+        for i in tqdm(range(n - 1), desc=f"export {export.format}", unit="block"):
+            state = {f"{LAYERS_PREFIX}{i}.{k}": v for k, v in source_model.read_block(i).items()}
+            tensors = _half({k: v for k, v in state.items() if k.removesuffix(".weight") not in params})
+            for name in sorted(n for n in params if n.startswith(f"{LAYERS_PREFIX}{i}.")):
+                lc = layer_codes(name, state[f"{name}.weight"], params[name].cpu())
+                tensors.update(_packed(name, lc, grid, export, version))
+            write_safetensors(folder / shard_name(i, n), tensors)
+            weight_map.update(dict.fromkeys(tensors, shard_name(i, n)))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        resident = _half(source_model.resident_state())
+        write_safetensors(folder / shard_name(n - 1, n), resident)
+        weight_map.update(dict.fromkeys(resident, shard_name(n - 1, n)))
+        write_index(folder, weight_map, total + sum(t.numel() * t.element_size() for t in resident.values()))
+
+    return _write_folder(model, tokenizer, grid, export, version, desc_act, out, source, len(params), write_weights)
+
+
+def _write_folder(model, tokenizer, grid: Grid, export: Export, version, desc_act: bool, out: Path, source,
+                  layers: int, write_weights) -> Path:
+    """The export folder (config with ``quantization_config``, generation config, tokenizer, the weights that
+    ``write_weights(folder)`` writes, ``magr_export.json``), written to a temporary sibling and renamed."""
+    qcfg = quantization_config(grid, export, version, desc_act)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -263,9 +335,9 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
         if export.format == "gptq":
             write_json(tmp / "quantize_config.json", qcfg)
         save_tokenizer(tokenizer, tmp)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_weights(tmp)
         meta = {"format": export.format, "export": asdict(export), "grid": asdict(grid), "source": source,
-                "quantization_config": qcfg, "layers": len(codes)}
+                "quantization_config": qcfg, "layers": layers}
         write_json(tmp / EXPORT_FILE, meta)
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -273,7 +345,7 @@ def export_model(model: nn.Module, tokenizer, params: dict[str, QuantParams], gr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %d layers as %s to %s", len(codes), export.format, out)
+    log.info("exported %d layers as %s to %s", layers, export.format, out)
     return out
 
 
@@ -317,11 +389,12 @@ def _write_gguf_folder(model, tokenizer, codes, grid, out: Path, export: Export,
     return out
 
 
-def export_run(run_dir, out, export: Export = Export()) -> Path:
-    """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``."""
-    from ..pipeline.models import DTYPES, load_model
-
+def export_run(run_dir, out, export: Export = Export(), load: str = "auto") -> Path:
+    """Pack the run folder ``run_dir`` (written by ``magr quantize`` with the model saved) into ``out``: block
+    by block (:func:`export_streamed`) unless ``load`` is ``full`` or the format is GGUF (the whole model)."""
+    from ..pipeline.models import DTYPES
     from ..pipeline.preflight import check_weight_files
+    from ..pipeline.streaming import open_model
 
     run_dir = Path(run_dir)
     check_output_folder(out)
@@ -336,5 +409,8 @@ def export_run(run_dir, out, export: Export = Export()) -> Path:
     grid = Grid(**run["config"]["grid"])
     params = load_quant_params(run_dir)
     # in the run's dtype: weights saved in float16 carry its rounding, which the on-grid check allows for
-    model, tokenizer = load_model(str(run_dir), dtype=DTYPES[run.get("dtype", "float32")])
+    model, tokenizer, blocks = open_model(str(run_dir), dtype=DTYPES[run.get("dtype", "float32")],
+                                          load="full" if export.format == "gguf" else load)
+    if blocks.streamed:
+        return export_streamed(blocks, tokenizer, params, grid, out, export, source=str(run_dir))
     return export_model(model, tokenizer, params, grid, out, export, source=str(run_dir))

@@ -38,6 +38,31 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits - 1):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack at {bits} bits, found "
                          f"[{int(codes.min())}, {int(codes.max())}]")
+    return _pack(codes, bits)
+
+
+CHUNK_BITS = 1 << 25  # stream bits packed at once (int64 temporaries of 256 MB): rows are packed in slices
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if codes.dim() > 1 and codes.numel() * bits > CHUNK_BITS:
+        rows = max(1, CHUNK_BITS // (codes[0].numel() * bits))
+        return torch.cat([_pack(codes[i : i + rows], bits) for i in range(0, codes.shape[0], rows)])
+    return _pack_whole(codes, bits) if 32 % bits == 0 else _pack_stream(codes, bits)
+
+
+def _pack_whole(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """1, 2, 4 or 8 bits: a word holds 32 / bits whole codes, code j of a word shifted by j * bits (the same words
+    as :func:`_pack_stream`, without its bit planes)."""
+    *lead, n = codes.shape
+    per, words = 32 // bits, packed_length(n, bits)
+    padded = torch.nn.functional.pad(codes, (0, words * per - n)).reshape(*lead, words, per)
+    packed = (padded << (torch.arange(per, device=codes.device, dtype=torch.int64) * bits)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Any width: the codes as one bit stream, 32 stream bits per word (module docstring)."""
     *lead, n = codes.shape
     words = packed_length(n, bits)
     stream = (codes.unsqueeze(-1) >> _bit_planes(bits, codes.device)) & 1  # (..., n, bits): LSB first

@@ -78,9 +78,11 @@ def reloaded_grids(folder, model=None) -> dict[str, dict[str, torch.Tensor]]:
 
         return {name: _gptq_module_grid(m) for name, m in model.named_modules() if isinstance(m, BaseQuantLinear)}
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(folder) / "model.safetensors"))
+    from ..pipeline.shards import TensorFiles
+
+    files = TensorFiles.of_folder(folder)  # one model.safetensors, or one shard per block (a streamed export)
+    tensors = files.read(files.names())
     offset = 2 ** (bits - 1)
     out = {}
     for key in tensors:

@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.settings import setting
+from ..pipeline.calibration import (
+    block_forward,
+    capture_block_inputs,
+    layers_replaced,
+    passthrough,
+)
 from ..pipeline.models import forward_cast
 
 log = logging.getLogger(__name__)
@@ -70,15 +76,40 @@ def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def streamed_nll(blocks, windows: torch.Tensor, batch_size: int, device, forward_dtype: torch.dtype | None = None,
+                 progress: bool = True) -> float:
+    """Summed next-token NLL of ``windows`` through a model whose blocks are opened one at a time (``blocks``:
+    :class:`magr.pipeline.streaming.StreamedModel`), as the released ``llama_eval``: every window's hidden states
+    go through block 0, then all through block 1, ...; then the model's own head (final norm, lm_head) turns them
+    into logits. The forwards are the in-memory model's, batch by batch, so the NLL is the same to the bit."""
+    model = blocks.model
+    device = torch.device(device)
+    with blocks.resident_on(device), forward_cast(model, forward_dtype):
+        hidden, kwargs = capture_block_inputs(model, windows, device)  # the embeddings, in the forward dtype
+        for i in tqdm(range(len(blocks)), desc=f"perplexity blocks ({windows.shape[0]} windows)",
+                      disable=not progress):
+            block = blocks.open(i, device)
+            hidden = block_forward(block, hidden, kwargs[i], batch=batch_size, forward_dtype=forward_dtype)
+            blocks.close(i, block)
+        total = 0.0
+        for i in range(0, windows.shape[0], batch_size):
+            last = hidden[i:i + batch_size]
+            with layers_replaced(model, lambda k, last=last: (lambda *a, **kw: last) if k == 0 else passthrough):
+                total += window_nll(model, windows[i:i + batch_size].to(device)).sum().item()
+    return total
+
+
+@torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int = 1, device=None,
                max_windows: int | None = None, bos_id: int | None = None, progress: bool = True,
-               forward_dtype: torch.dtype | None = None) -> float:
+               forward_dtype: torch.dtype | None = None, blocks=None) -> float:
     """Perplexity of ``model`` on a 1-D token stream: exp(mean next-token NLL over all windows).
 
     Runs on ``device`` (default: where the model's parameters are); a model elsewhere is moved there for
     the evaluation and moved back afterwards. ``bos_id``: prefix each window with BOS (seqlen - 1 text
     tokens per window). ``max_windows`` caps the number of windows. ``forward_dtype``: run the forwards with
     the parameters cast to it (:func:`magr.pipeline.models.forward_cast`; the NLL is summed in float64).
+    ``blocks``: a streamed model (:func:`streamed_nll`; ``model`` is its skeleton); None: ``model`` is in memory.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -86,6 +117,10 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int 
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         log.warning("seqlen %d exceeds the model's max_position_embeddings %d", seqlen, max_pos)
+    if getattr(blocks, "streamed", False):
+        start = time.perf_counter()
+        total = streamed_nll(blocks, windows, batch_size, device or "cpu", forward_dtype, progress)
+        return _logged(math.exp(total / (windows.shape[0] * (seqlen - 1))), windows, seqlen, start)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     if device != home:
@@ -105,7 +140,10 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, batch_size: int 
         if device != home:
             model.to(home)
         model.train(was_training)
-    ppl = math.exp(total / count)
+    return _logged(math.exp(total / count), windows, seqlen, start)
+
+
+def _logged(ppl: float, windows: torch.Tensor, seqlen: int, start: float) -> float:
     log.info("perplexity %.4f over %d windows of %d tokens (%.1f s)", ppl, windows.shape[0], seqlen,
              time.perf_counter() - start)
     return ppl
@@ -182,13 +220,15 @@ class Evaluation:
         return out
 
     def perplexities(self, model, tokenizer, device=None, data_root=None, streams=None,
-                     forward_dtype: torch.dtype | None = None) -> dict:
+                     forward_dtype: torch.dtype | None = None, blocks=None) -> dict:
         """{set: {"ppl", "seconds", "seqlen", "max_windows", "windows", "bos_per_window"}} for every set;
         ``streams``: the sets' tokens from :meth:`streams` (default: read and tokenized here); ``bos_per_window``
         None: the protocol of ``model``'s family (:meth:`for_model`);
-        ``forward_dtype``: the dtype of the forwards (None: the model's own)."""
+        ``forward_dtype``: the dtype of the forwards (None: the model's own); ``blocks``: a streamed model
+        (``model`` is its skeleton: :func:`perplexity`)."""
         if self.bos_per_window is None:
-            return self.for_model(model).perplexities(model, tokenizer, device, data_root, streams, forward_dtype)
+            return self.for_model(model).perplexities(model, tokenizer, device, data_root, streams, forward_dtype,
+                                                      blocks)
         out = {}
         streams = self.streams(tokenizer, data_root) if streams is None else streams
         for name in self.eval_sets:
@@ -196,7 +236,7 @@ class Evaluation:
             tokens = streams[name]
             bos = self.bos_id(tokenizer)
             ppl = perplexity(model, tokens, seqlen=self.eval_seqlen, batch_size=self.eval_batch, device=device,
-                             max_windows=self.max_windows, bos_id=bos, forward_dtype=forward_dtype)
+                             max_windows=self.max_windows, bos_id=bos, forward_dtype=forward_dtype, blocks=blocks)
             windows = make_windows(tokens, self.eval_seqlen, bos, self.max_windows).shape[0]
             out[name] = {"ppl": ppl, "seconds": time.perf_counter() - t0, "seqlen": self.eval_seqlen,
                          "max_windows": self.max_windows, "windows": windows, "bos_per_window": self.bos_per_window}

@@ -31,6 +31,8 @@ from ..core.methods import QuantConfig
 from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
 from .checkpoints import BlockCheckpoints, resume_key
 from ..core.quantizers import QuantParams
+from .shards import TensorFiles
+from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class QuantResult:
     seconds: float = 0.0
     block_seconds: list[float] = field(default_factory=list)
     checkpoints: BlockCheckpoints | None = None
+    quantized: StreamedModel | None = None  # a streamed model: the quantized one, its blocks read from the checkpoints
 
     @property
     def resumed(self) -> list[int]:
@@ -137,7 +140,7 @@ def quantize_block(block: nn.Module, stats_of, cfg: QuantConfig) -> tuple[dict[s
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, device: str | None = None,
                    progress: bool = True, checkpoint_dir: str | Path | None = None,
-                   resume: str = "auto", forward_dtype: torch.dtype | None = None) -> QuantResult:
+                   resume: str = "auto", forward_dtype: torch.dtype | None = None, blocks=None) -> QuantResult:
     """Quantize every linear layer of every decoder block of ``model`` in place (OPTQ's block order).
 
     ``calib`` is a LongTensor (nsamples, seqlen) of calibration tokens; ``device`` where each block is
@@ -146,8 +149,16 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     force; :mod:`magr.pipeline.checkpoints`). Ctrl-C raises :class:`Interrupted`, whose message says what is saved.
     ``forward_dtype``: the dtype of the block forwards (calibration propagation; None: the model's own); the
     statistics H and every step of the method stay in float32 on the model's weights.
+    ``blocks``: where the blocks come from (default: ``model``'s own, in memory). A
+    :class:`~magr.pipeline.streaming.StreamedModel` opens each block from disk and drops it once done; its
+    quantized blocks live in their checkpoints (``checkpoint_dir`` is then required), read back through
+    ``QuantResult.quantized``.
     """
     check_config_for_model(model, cfg)
+    streamed = getattr(blocks, "streamed", False)
+    if streamed and not checkpoint_dir:
+        raise ValueError("a streamed model needs a checkpoint_dir: its quantized blocks are written there, one "
+                         "shard per block, and read back from there")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_blocks = len(checked_layers(model))
     use_cache = getattr(model.config, "use_cache", False)
@@ -156,9 +167,9 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
     store = result.checkpoints = (BlockCheckpoints(checkpoint_dir, resume_key(model, cfg, calib, device, forward_dtype), resume)
                                   if checkpoint_dir else None)
     start = time.perf_counter()
-    blocks = walk_blocks(model, calib if cfg.uses_calibration else None, device,  # RTN: no data, no forwards
-                         forward_dtype=forward_dtype)
-    bar = tqdm(blocks, total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}", disable=not progress, unit="block")
+    walk = walk_blocks(model, calib if cfg.uses_calibration else None, device,  # RTN: no data, no forwards
+                       forward_dtype=forward_dtype, blocks=blocks)
+    bar = tqdm(walk, total=n_blocks, desc=f"{cfg.method} w{cfg.grid.bits}", disable=not progress, unit="block")
     index = 0
     try:
         for blk in bar:
@@ -185,6 +196,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
         bar.close()
         model.config.use_cache = use_cache
     result.seconds = time.perf_counter() - start
+    if streamed:
+        result.quantized = blocks.with_blocks(TensorFiles([store.shard(i) for i in range(n_blocks)]))
     bad = [r for r in result.records if r["recon_error"] is not None and not math.isfinite(r["recon_error"])]
     if bad:
         log.warning("%d layers have a non-finite reconstruction error", len(bad))

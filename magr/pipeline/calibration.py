@@ -14,12 +14,14 @@ accumulated in float32 from the half-precision inputs.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .models import cast_inputs, checked_layers, decoder_layers, forward_cast
+from .streaming import ResidentBlocks
 
 FORWARD_BATCH = 8
 """Calibration samples per forward pass through a block."""
@@ -51,8 +53,26 @@ class StopForward(Exception):
     """Raised by a hook once the inputs it needs are captured, to skip the rest of a forward pass."""
 
 
-def _passthrough(hidden_states, *args, **kwargs):
+def passthrough(hidden_states, *args, **kwargs):
     return hidden_states
+
+
+@contextmanager
+def layers_replaced(model: nn.Module, forward_of):
+    """Every decoder layer's forward replaced by ``forward_of(i)`` for the ``with`` block (the layers' own
+    weights are never touched: the blocks run elsewhere, one at a time), then restored."""
+    layers = decoder_layers(model)
+    own_forward = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = forward_of(i)
+        yield layers
+    finally:
+        for layer, fwd in zip(layers, own_forward):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
 
 
 @torch.no_grad()
@@ -83,25 +103,18 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, device) -> tupl
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     for m in moved:
         m.to(device)
-    own_forward = [layer.__dict__.get("forward") for layer in layers]
     handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
-        for layer in layers:
-            layer.forward = _passthrough  # the blocks themselves run later, one at a time (walk_blocks)
-        for row in tokens:
-            try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
-            except StopForward:
-                pass
+        with layers_replaced(model, lambda i: passthrough):  # the blocks run later, one at a time (walk_blocks)
+            for row in tokens:
+                try:
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+                except StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()
-        for layer, fwd in zip(layers, own_forward):
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
         for m, home in zip(moved, homes):
             if home.type != "meta":
                 m.to(home)
@@ -171,12 +184,15 @@ class BlockInputs:
 
 @torch.no_grad()
 def walk_blocks(model: nn.Module, calib: torch.Tensor | None, device, last: int | None = None,
-                forward_batch: int = FORWARD_BATCH, forward_dtype: torch.dtype | None = None) -> Iterator[BlockInputs]:
+                forward_batch: int = FORWARD_BATCH, forward_dtype: torch.dtype | None = None,
+                blocks=None) -> Iterator[BlockInputs]:
     """Yield each decoder block with its calibration inputs, in order; after the caller is done with a
     block (it may quantize it), the block's outputs become the next block's inputs. Stops after ``last``.
     (Wrap it in tqdm for a progress bar: it yields ``last + 1`` blocks, all of them by default.) With
     ``calib=None`` (methods that read no data) the blocks come without inputs and nothing is forwarded.
-    ``forward_dtype``: the dtype of the inputs and of every block forward (None: the model's own)."""
+    ``forward_dtype``: the dtype of the inputs and of every block forward (None: the model's own).
+    ``blocks``: where the blocks come from (:mod:`magr.pipeline.streaming`; default: ``model``'s own, in memory);
+    a block is opened when the walk reaches it and closed once its outputs are computed."""
     if calib is not None and (calib.dim() != 2 or calib.numel() == 0):
         raise ValueError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {tuple(calib.shape)}")
     layers = checked_layers(model)
@@ -191,13 +207,12 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, device, last: int 
         inps, layer_kwargs = cast_inputs(inps, forward_dtype), cast_inputs(layer_kwargs, forward_dtype)
     else:
         inps, layer_kwargs = None, [None] * n
+    blocks = blocks if blocks is not None else ResidentBlocks(model)
     for i in range(n):
-        block = layers[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        block = blocks.open(i, device)
         yield BlockInputs(i, block, inps, layer_kwargs[i], forward_dtype)
         if i + 1 < n and inps is not None:
             inps = block_forward(block, inps, layer_kwargs[i], batch=forward_batch, forward_dtype=forward_dtype)
-        block.to(home)
+        blocks.close(i, block)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,16 +1,18 @@
 """Block checkpoints of a quantization run, and the key that decides whether a rerun may resume them.
 
-Every finished block leaves two files in the checkpoint folder (``OUT/.blocks`` by default):
-``block_NNN.pt`` (the block's quantized state and grids) and ``block_NNN.json`` (its key, per-layer
-records, seconds and the SHA-256 of the .pt file). Both are written atomically, the .json last, so the
-.json commits the pair. A rerun resumes block i only when
+Every finished block leaves three files in the checkpoint folder (``OUT/.blocks`` by default):
+``block_NNN.safetensors`` (the quantized block's tensors under their model names, ``model.layers.N.*``: a
+streamed run links it into the saved model as that block's shard), ``block_NNN.pt`` (its grids) and
+``block_NNN.json`` (its key, per-layer records, seconds and the SHA-256 of the other two). All are written
+atomically, the .json last, so the .json commits the block. A rerun resumes block i only when
 
 - its key equals this run's key (:func:`resume_key`): the numerics version of the library
   (:data:`NUMERICS_VERSION`) and of torch, the settings (``QuantConfig.fingerprint()``), the calibration
   tokens (SHA-256 of their bytes), the parameter dtype, the device type, and the model: a chain of SHA-256
   digests over the model's config, its embeddings and blocks 0..i as loaded, so block i's key covers every
   weight its result depends on;
-- its files are intact (the JSON parses, the .pt has the recorded digest, its tensors fit the block);
+- its files are intact (the JSON parses, the .pt and .safetensors have the recorded digests, the tensors fit
+  the block);
 - every block before it was resumed too: resumed blocks form a prefix, and once a block is recomputed every
   later checkpoint is discarded, so a result never mixes two runs.
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .persistence import atomic_open, write_json
+from .shards import read_safetensors, write_safetensors
 from ..core.quantizers import QuantParams
 from ..core.settings import check_choice
 
@@ -115,6 +118,10 @@ class BlockCheckpoints:
     def paths(self, i: int) -> tuple[Path, Path]:
         return self.folder / f"block_{i:03d}.pt", self.folder / f"block_{i:03d}.json"
 
+    def shard(self, i: int) -> Path:
+        """Block ``i``'s tensors (safetensors, named ``model.layers.i.*``)."""
+        return self.folder / f"block_{i:03d}.safetensors"
+
     def load(self, i: int, block: nn.Module, device) -> tuple[dict[str, QuantParams], list[dict], float] | None:
         """Block ``i``'s checkpoint loaded into ``block`` (weights as loaded), as (grids, records, seconds),
         or None when there is none to resume. Call it for every block, in order, before quantizing it."""
@@ -143,13 +150,21 @@ class BlockCheckpoints:
             if _sha256(data) != meta.get("pt_sha256"):
                 raise ValueError(f"its content does not match the SHA-256 recorded in {js.name}")
             saved = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-            if {k: tuple(v.shape) for k, v in saved["state"].items()} != {k: tuple(v.shape) for k, v in state.items()}:
-                raise ValueError("its tensors do not fit this block")
             params = {n: QuantParams(**p) for n, p in saved["params"].items()}
             records, seconds = list(meta["records"]), float(meta["seconds"])
         except Exception as exc:  # anything unreadable is a damaged checkpoint: recompute the block
             return self._damaged(i, pt, exc)
-        block.load_state_dict(saved["state"])
+        try:
+            tensors, sha = read_safetensors(self.shard(i))
+            if sha != meta.get("shard_sha256"):
+                raise ValueError(f"its content does not match the SHA-256 recorded in {js.name}")
+            prefix = f"model.layers.{i}."
+            saved_state = {k.removeprefix(prefix): v for k, v in tensors.items()}
+            if {k: tuple(v.shape) for k, v in saved_state.items()} != {k: tuple(v.shape) for k, v in state.items()}:
+                raise ValueError("its tensors do not fit this block")
+        except Exception as exc:
+            return self._damaged(i, self.shard(i), exc)
+        block.load_state_dict(saved_state)
         self.resumed.append(i)
         return params, records, seconds
 
@@ -158,11 +173,13 @@ class BlockCheckpoints:
         """Checkpoint quantized block ``i`` (after :meth:`load` returned None for it)."""
         pt, js = self.paths(i)
         buf = io.BytesIO()
-        torch.save({"state": block.state_dict(), "params": {n: asdict(p) for n, p in params.items()}}, buf)
+        torch.save({"params": {n: asdict(p) for n, p in params.items()}}, buf)
         data = buf.getvalue()
         with atomic_open(pt) as f:
             f.write(data)
-        write_json(js, {"key": self._block_key, "pt_sha256": _sha256(data), "records": records, "seconds": seconds})
+        shard_sha = write_safetensors(self.shard(i), {f"model.layers.{i}.{k}": v for k, v in block.state_dict().items()})
+        write_json(js, {"key": self._block_key, "pt_sha256": _sha256(data), "shard_sha256": shard_sha,
+                        "records": records, "seconds": seconds})
         self.saved.append(i)
 
     def done(self) -> int:

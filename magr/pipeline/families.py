@@ -101,8 +101,9 @@ def gguf_architecture(path) -> str | None:
     """``general.architecture`` of a GGUF file (v2/v3), read from the key-value pairs of its header up to that key
     (usually the first: the gguf package's reader parses the whole header, a 262k-token vocabulary included)."""
     with open(path, "rb") as f:
-        magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
-        if magic != b"GGUF" or version < 2:
+        magic, raw = f.read(4), f.read(4)
+        version = struct.unpack("<I", raw)[0] if len(raw) == 4 else None
+        if magic != b"GGUF" or version is None or version < 2:
             raise ValueError(f"{path} is not a GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
         _, n_kv = struct.unpack("<QQ", f.read(16))  # tensor count, key-value count
         for _ in range(n_kv):
@@ -112,6 +113,7 @@ def gguf_architecture(path) -> str | None:
                 return f.read(struct.unpack("<Q", f.read(8))[0]).decode()
             _skip_gguf_value(f, kind)
     return None
+
 
 
 def model_type(model) -> str | None:

@@ -116,25 +116,34 @@ def is_run_folder(folder) -> bool:
     return any((Path(folder) / name).exists() for name in RUN_MARKERS)
 
 
+#: The weight files of a saved model: one file, or shards and their index (written by a streamed run).
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+
+
 def retire_run(folder) -> None:
-    """Remove a finished run's metadata before its outputs are rewritten: until the new ``magr_run.json``
-    is written, the folder does not pass for a finished run (no mix of old metadata and new weights)."""
+    """Remove a finished run's metadata and weight files before its outputs are rewritten: until the new
+    ``magr_run.json`` is written, the folder does not pass for a finished run (no mix of old metadata and new
+    weights, nor of one run's single weight file and another's shards)."""
     folder = Path(folder)
     (folder / RUN_FILE).unlink(missing_ok=True)
+    for pattern in WEIGHT_FILES:
+        for old in folder.glob(pattern):
+            old.unlink()
     for leftover in folder.glob(".staging-*"):  # from a save killed half-way
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextmanager
-def staged_folder(out):
+def staged_folder(out, last: tuple[str, ...] = ()):
     """A temporary folder inside ``out`` to write several files into; on success each file is fsynced and
-    renamed into ``out`` (each one atomically); on error the staging folder is removed."""
+    renamed into ``out`` (each one atomically), the names in ``last`` after all others (an index after the
+    files it names); on error the staging folder is removed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         yield stage
-        for f in sorted(stage.iterdir()):
+        for f in sorted(stage.iterdir(), key=lambda f: (f.name in last, f.name)):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -209,13 +218,18 @@ def save_quantized(model: nn.Module, tokenizer, params: dict[str, QuantParams], 
     with staged_folder(out) as stage:  # every file appears complete or not at all
         model.save_pretrained(stage)
         save_tokenizer(tokenizer, stage)
-        tensors = {}
-        for name, p in params.items():
-            tensors[f"{name}.scale"] = p.scale.contiguous()
-            tensors[f"{name}.zero"] = p.zero.contiguous()
-            tensors[f"{name}.g_idx"] = p.g_idx.to(torch.int32).contiguous()
-        save_file(tensors, str(stage / PARAMS_FILE))
+        save_file(grid_tensors(params), str(stage / PARAMS_FILE))
     return out
+
+
+def grid_tensors(params: dict[str, QuantParams]) -> dict[str, torch.Tensor]:
+    """The tensors of ``magr_qparams.safetensors``: ``<layer>.scale``, ``.zero`` and ``.g_idx`` (int32)."""
+    tensors = {}
+    for name, p in params.items():
+        tensors[f"{name}.scale"] = p.scale.contiguous()
+        tensors[f"{name}.zero"] = p.zero.contiguous()
+        tensors[f"{name}.g_idx"] = p.g_idx.to(torch.int32).contiguous()
+    return tensors
 
 
 def save_tokenizer(tokenizer, out) -> None:

@@ -13,18 +13,18 @@ comes from and what is allowed; the CLI prints it as one line (``magr quantize: 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import struct
 from itertools import chain
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .models import check_architecture, decoder_layers, linear_shapes, load_config, model_source
 from .persistence import CHECKPOINT_FOLDER, PARAMS_FILE, atomic_open, is_run_folder
+from .shards import folder_files, read_header
 from .blocks import check_config_for_model
 
 log = logging.getLogger(__name__)
@@ -81,53 +81,24 @@ def check_output(out, model: str, checkpoint_dir=None, save: bool = True) -> Non
 
 
 # -------------------------------------------------------------------------------------------- model
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
 def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file, or None, from its header alone (no tensor is read).
-
-    The format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
-    [begin, end]}, "__metadata__": ...}, then the data, which must end exactly at the last ``end``."""
+    """What is wrong with a safetensors file, or None, from its header alone (no tensor is read; the format:
+    :mod:`magr.pipeline.shards`): the data must end exactly at the last tensor's end."""
     size = path.stat().st_size
-    if size < 8:
-        return f"only {size} bytes: too short for a safetensors header (8 bytes of length, then JSON)"
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n > size:
-            return f"truncated: the header alone needs {8 + n} bytes, the file has {size}"
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            return "its header is not valid JSON (not a safetensors file, or damaged)"
     try:
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        start, header = read_header(path)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        ends = [int(v["data_offsets"][1]) for v in header.values()]
     except (TypeError, KeyError, IndexError, ValueError, AttributeError):
         return "its header has no valid data_offsets (damaged)"
-    need = 8 + n + max(ends, default=0)
+    need = start + max(ends, default=0)
     if need > size:
         return f"truncated: {size} bytes, its {len(ends)} tensors need {need} ({need - size} bytes missing)"
     if need < size:
         return f"{size - need} bytes past the end of its last tensor (damaged, or written by another tool)"
     return None
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder: the shards named in model.safetensors.index.json, else every
-    *.safetensors beside config.json. A shard the index names that is missing is a FileNotFoundError."""
-    index = folder / SAFETENSORS_INDEX
-    if not index.is_file():
-        return sorted(folder.glob("*.safetensors"))
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"model weight index {index} is damaged (no valid weight_map); re-download or re-save "
-                         "the model") from None
-    missing = [s for s in shards if not (folder / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"model weight shard {folder / missing[0]} named in {index} is missing "
-                                f"({len(missing)} of {len(shards)} shards); re-download the model")
-    return [folder / s for s in shards]
 
 
 def check_weight_files(model: str) -> None:
@@ -136,7 +107,7 @@ def check_weight_files(model: str) -> None:
     kind, where = model_source(model)
     if kind != "folder":
         return
-    for path in weight_files(Path(where)):
+    for path in folder_files(where):
         if path.name == PARAMS_FILE:  # a run folder's grids: read by export, checked there
             continue
         problem = safetensors_problem(path)
@@ -178,9 +149,18 @@ def check_model(model: nn.Module, quant, calibration=None, evaluation=None) -> N
         check_context(model, evaluation.eval_seqlen, "eval_seqlen")
 
 
-def check_finite(model: nn.Module) -> None:
-    """Every floating-point weight and buffer is finite; else ValueError naming the first bad tensor and index."""
-    for name, t in chain(model.named_parameters(), model.named_buffers()):
+def check_finite(model: nn.Module, blocks=None) -> None:
+    """Every floating-point weight and buffer is finite; else ValueError naming the first bad tensor and index.
+    With a streamed model (``blocks``, :mod:`magr.pipeline.streaming`) its blocks are read for this one at a time
+    (one pass over the weight files, one block in memory)."""
+    _check_finite_tensors(chain(model.named_parameters(), model.named_buffers()))
+    if getattr(blocks, "streamed", False):
+        for i in tqdm(range(len(blocks)), desc="finite weights", unit="block", leave=False):
+            _check_finite_tensors((f"model.layers.{i}.{k}", t) for k, t in blocks.read_block(i).items())
+
+
+def _check_finite_tensors(named) -> None:
+    for name, t in named:
         if not t.is_floating_point() or t.device.type == "meta" or torch.isfinite(t).all():
             continue
         bad = ~torch.isfinite(t)
@@ -213,27 +193,33 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def estimate_bytes(model: nn.Module, group_size: int | None, out, save: bool, checkpoint_dir=None
-                   ) -> list[tuple[Path, int, str]]:
+def estimate_bytes(model: nn.Module, group_size: int | None, out, save: bool, checkpoint_dir=None,
+                   linked: bool = False) -> list[tuple[Path, int, str]]:
     """(folder, bytes, what) a run will write: the block checkpoints (every decoder block and its grids,
-    less the checkpoints already there) and the saved model (every weight and the grids)."""
+    less the checkpoints already there) and the saved model (every weight and the grids). ``linked``: the saved
+    model's block shards are hard links to the checkpoints (a streamed run, checkpoints on the same filesystem),
+    so it adds only the tensors outside the blocks and the grids."""
     grids = _grid_bytes(model, group_size)
+    blocks = _nbytes(p for layer in decoder_layers(model) for p in layer.parameters())
     need = []
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir)
-        old = sum(f.stat().st_size for f in ckpt.glob("block_*.pt")) if ckpt.is_dir() else 0
-        blocks = _nbytes(p for layer in decoder_layers(model) for p in layer.parameters())
+        old = sum(f.stat().st_size for f in ckpt.glob("block_*.*") if f.suffix in (".pt", ".safetensors")
+                  ) if ckpt.is_dir() else 0
         need.append((ckpt, max(0, blocks + grids - old), "block checkpoints"))
+        linked = linked and _existing(ckpt).stat().st_dev == _existing(Path(out)).stat().st_dev
+    else:
+        linked = False
     if save:
-        need.append((Path(out), _nbytes(model.parameters()) + grids, "quantized model"))
+        need.append((Path(out), _nbytes(model.parameters()) - (blocks if linked else 0) + grids, "quantized model"))
     return need
 
 
 def check_disk_space(model: nn.Module, group_size: int | None, out, save: bool, checkpoint_dir=None,
-                     margin: float = 1.05) -> None:
+                     margin: float = 1.05, linked: bool = False) -> None:
     """Enough free space for :func:`estimate_bytes` (+5%) on each filesystem written to."""
     per_fs: dict[int, list] = {}
-    for folder, n, what in estimate_bytes(model, group_size, out, save, checkpoint_dir):
+    for folder, n, what in estimate_bytes(model, group_size, out, save, checkpoint_dir, linked):
         where = _existing(folder)
         fs = per_fs.setdefault(where.stat().st_dev, [where, 0, []])
         fs[1] += n
