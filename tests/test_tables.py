@@ -13,8 +13,8 @@ from magr.pipeline.persistence import write_run
 
 
 # ------------------------------------------------------------------------------------- Tables 2-4
-def _write_cell(root, name, method, bits, group, ppl, seconds=10.0, blocks=(4.0, 6.0), seed=0):
-    cfg = QuantConfig.build(method=method, bits=bits, group_size=group)
+def _write_cell(root, name, method, bits, group, ppl, seconds=10.0, blocks=(4.0, 6.0), seed=0, **settings):
+    cfg = QuantConfig.build(method=method, bits=bits, group_size=group, **settings)
     meta = {"model": "m", "device": "cpu", "config": cfg.to_dict(),
             "calibration": {"calib": "c4", "nsamples": 2, "seqlen": 8, "seed": seed, "sampler": "released"},
             "seconds": seconds,
@@ -41,6 +41,34 @@ def test_perplexity_table_order_and_paper_columns(tmp_path):
     assert paper["paper LLaMA-2-7B WikiText-2"].tolist()[:4] == [5.47, 6.11, 539.48, 6.41]
     assert paper["paper LLaMA-2-70B WikiText-2"].tolist()[3] == 3.82
     assert math.isnan(paper["paper LLaMA-2-7B WikiText-2"].iloc[4])  # no per-group anchor in the notes
+
+
+def test_cells_at_other_alphas_get_their_own_rows_and_stay_out_of_the_orderings(tmp_path):
+    """A MagR cell away from the paper's alpha is its own row ("MagR+RTN alpha=0.01"), after the paper's, without
+    the paper's column; the orderings and the reproduction check keep the paper-alpha cell apart from it."""
+    from magr.reproduction.reported import report_values
+
+    for seed in range(2):
+        _write_cell(tmp_path / "cells" / "w3-magr-rtn", f"seed-{seed}", "magr+rtn", 3, None, 20.0 + seed, seed=seed)
+        _write_cell(tmp_path / "cells" / "w3-magr-rtn-a1e-2", f"seed-{seed}", "magr+rtn", 3, None, 90.0 + seed,
+                    seed=seed, alpha=0.01)
+        _write_cell(tmp_path / "cells" / "w3-magr-rtn-a1e-4", f"seed-{seed}", "magr+rtn", 3, None, 30.0 + seed,
+                    seed=seed, alpha=1e-4)
+    _write_cell(tmp_path / "cells" / "w3-rtn", "seed-0", "rtn", 3, None, 50.0)
+    cells = load_cells(tmp_path / "cells")
+    table = tables.perplexity_table(cells)
+    assert [tables.method_name(m, a, g) for m, a, g in zip(table["method"], table["alpha"], table["group"])] == [
+        "RTN", "MagR+RTN alpha=0.0001", "MagR+RTN", "MagR+RTN alpha=0.01"]
+    shown = tables.with_paper(tables.with_ranges(table, ["wikitext2", "c4"]))
+    assert list(shown["alpha"]) == ["-", "0.0001", "0.001", "0.01"]
+    assert shown["paper LLaMA-2-7B WikiText-2"].notna().tolist() == [True, False, True, False]
+    orders = ordering_table(cells, [("MagR+RTN", "RTN")], ["W3"], ["wikitext2"], tables.cell_key)
+    assert len(orders) == 1 and orders["mean log ratio"].iloc[0] == pytest.approx(
+        (math.log(50 / 20) + math.log(50 / 21)) / 2)   # the paper-alpha cell, not the last one loaded
+    tables.write_table(table, tmp_path / "reports" / "table2_perplexity")
+    values = report_values(tmp_path / "reports")
+    assert values["ppl W3 MagR+RTN wikitext2"]["value"] == pytest.approx(20.5)
+    assert values["ppl W3 MagR+RTN alpha=0.01 wikitext2"]["value"] == pytest.approx(90.5)
 
 
 def test_runtime_table_splits_the_time(tmp_path):
@@ -128,6 +156,8 @@ def test_labels_and_descriptions_come_from_the_presets():
     text = tables.describe_config(cfg)
     assert "14 FISTA iterations" in text and "30 CD passes" in text and "beta 0.8" in text
     assert tables.cell_label(QuantConfig.build(method="optq", bits=3, group_size=64).to_dict()) == "W3g64 OPTQ"
+    assert tables.cell_label(QuantConfig.build(method="magr+rtn", bits=3, group_size=64).to_dict()) == "W3g64 MagR+RTN"
+    assert tables.cell_label(QuantConfig.build(method="magr+rtn", bits=3, alpha=0.01).to_dict()) == "W3 MagR+RTN alpha=0.01"
 
 
 def test_zeroshot_table_and_markdown():

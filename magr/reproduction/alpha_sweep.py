@@ -30,13 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.methods import QuantConfig
-from ..core.preprocessing import MagR
 from ..core.quantizers import SUPPORTED_BITS
 from ..evaluation.perplexity import make_windows
 from ..pipeline.calibration import LayerStats, block_forward, walk_blocks
 from ..pipeline.data import EVAL_SPLITS, check_source, eval_text, tokenize_text
 from ..pipeline.models import LINEAR_NAMES, parse_layers
 from .cells import t975
+from .tables import paper_alpha  # noqa: F401  (alpha_sweep.paper_alpha in the notebooks)
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ def sweep_layers(kinds: str, depths: str, n_blocks: int) -> list[tuple[int, str]
     '0 mid -1' (:func:`magr.pipeline.models.parse_layers`'s block syntax); distinct, in model order."""
     spec = " ".join(f"{d}:{k}" for d in depths.replace(",", " ").split() for k in kinds.replace(",", " ").split())
     return sorted(set(parse_layers(spec, n_blocks)), key=lambda bl: (bl[0], LINEAR_NAMES.index(bl[1])))
-
-
-def paper_alpha(group_size: int | None) -> float:
-    """The paper's alpha for a grid (magr's MagR default: 1e-3 per channel, 1e-4 per group)."""
-    return MagR().for_group(group_size).alpha
 
 
 def grid_label(group_size: int | None) -> str:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .tables import method_name
+
 EXACT_REL = 1e-3    # float32 math on float32 weights (Figure 1's row maxima)
 KERNEL_REL = 1e-2   # a perplexity through the model's forwards (bfloat16 on the CPU profiles): kernels differ per CPU
 RANK_POINTS = 1.0
@@ -47,12 +49,18 @@ def _exact(value, rel: float = EXACT_REL, rule: str = "exact") -> dict:
     return _record(value, value * (1 - rel), value * (1 + rel), rule)
 
 
+def _row_name(r) -> str:
+    """A Table 2 row's name, "W3 MagR+OPTQ" (with " alpha=A" away from the paper's alpha; older tables have no
+    alpha column)."""
+    return f"{r['setting']} {method_name(r['method'], r.get('alpha'), r['group'])}"
+
+
 def _perplexities(path: Path) -> dict:
     out = {}
     df = pd.read_csv(path)
     sets = [c for c in df.columns if f"{c} low" in df.columns]
     for _, r in df.iterrows():
-        name = "float" if r["setting"] == "float" else f"{r['setting']} {r['method']}"
+        name = "float" if r["setting"] == "float" else _row_name(r)
         for s in sets:
             if pd.notna(r[f"{s} low"]) and r["seeds"] and r["seeds"] > 1:
                 out[f"ppl {name} {s}"] = _record(r[s], r[f"{s} low"], r[f"{s} high"], "rerun interval",
@@ -77,7 +85,7 @@ def _seed_averaged_models(reports: Path) -> set[str]:
     if not path.is_file():
         return set()
     df = pd.read_csv(path)
-    return {f"{r['setting']} {r['method']}" for _, r in df.iterrows() if r["setting"] != "float" and r["seeds"] > 0}
+    return {_row_name(r) for _, r in df.iterrows() if r["setting"] != "float" and r["seeds"] > 0}
 
 
 def _zeroshot(path: Path) -> dict:

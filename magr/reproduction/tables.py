@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.methods import PRESETS
+from ..core.preprocessing import MagR
 from .paper import PAPER_MODELS, PAPER_RUNTIME_7B_MIN, PAPER_WIKITEXT2
 
 METHOD_ORDER = ("float", *(m.label for m in PRESETS.values()))
@@ -27,22 +28,39 @@ def setting_label(bits: int | None, group_size: int | None) -> str:
 
 
 def cell_label(config: Mapping) -> str:
-    """'W3g64 MagR+OPTQ': a run's setting and method name (``config``: run metadata's "config")."""
-    return f"{setting_label(config['grid']['bits'], config['grid']['group_size'])} {config['label']}"
+    """'W3g64 MagR+OPTQ': a run's setting and method name (``config``: run metadata's "config"; " alpha=A" away
+    from the paper's alpha, :func:`method_name`)."""
+    g = config["grid"]["group_size"]
+    alpha = (config.get("preprocess") or {}).get("alpha")
+    return f"{setting_label(config['grid']['bits'], g)} {method_name(config['label'], alpha, g or 'channel')}"
+
+
+def paper_alpha(group_size: int | None) -> float:
+    """The paper's alpha for a grid (magr's MagR default: 1e-3 per channel, 1e-4 per group)."""
+    return MagR().for_group(group_size).alpha
+
+
+def method_name(method: str, alpha, group) -> str:
+    """A table row's method: the preset's name ("MagR+RTN"), with " alpha=A" where its MagR alpha is not the
+    paper's for the grid (``group``: "channel" or the group size; ``alpha`` None / NaN: no MagR)."""
+    if alpha is None or pd.isna(alpha) or alpha == paper_alpha(None if group == "channel" else int(group)):
+        return method
+    return f"{method} alpha={alpha:g}"
 
 
 def cell_key(cell: Mapping) -> tuple[str, str]:
-    """(setting, method) of a cell, e.g. ("W3", "MagR+OPTQ"): its row in the tables."""
+    """(setting, method) of a cell, e.g. ("W3", "MagR+OPTQ"), or ("W3", "MagR+OPTQ alpha=0.01") away from the
+    paper's alpha (:func:`method_name`): its row in the tables and orderings."""
     keys = _cell_keys(cell)
-    return keys["setting"], keys["method"]
+    return keys["setting"], method_name(keys["method"], keys["alpha"], keys["group"])
 
 
 def _cell_keys(cell: Mapping) -> dict:
     cfg = cell["config"]
     refine = cfg.get("refine") or {}
     return {"setting": setting_label(cfg["grid"]["bits"], cfg["grid"]["group_size"]), "method": cfg["label"],
-            "bits": cfg["grid"]["bits"], "group": cfg["grid"]["group_size"] or "channel",
-            "CD passes": refine.get("passes", 0)}
+            "alpha": (cfg.get("preprocess") or {}).get("alpha"), "bits": cfg["grid"]["bits"],
+            "group": cfg["grid"]["group_size"] or "channel", "CD passes": refine.get("passes", 0)}
 
 
 def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None) -> pd.DataFrame:
@@ -52,8 +70,8 @@ def perplexity_table(cells: Sequence[Mapping], float_ppl: Mapping | None = None)
     """
     rows = []
     if float_ppl is not None:
-        rows.append({"setting": "float", "method": "float", "bits": None, "group": "-", "CD passes": None,
-                     "seeds": None, **{k: v["ppl"] for k, v in float_ppl["ppl"].items()}})
+        rows.append({"setting": "float", "method": "float", "alpha": None, "bits": None, "group": "-",
+                     "CD passes": None, "seeds": None, **{k: v["ppl"] for k, v in float_ppl["ppl"].items()}})
     for cell in cells:
         if "ppl" not in cell:
             raise ValueError(f"cell {cell.get('name')!r} has no perplexities; run it with --eval-sets")
@@ -89,25 +107,33 @@ def with_ranges(table: pd.DataFrame, eval_sets: Sequence[str], fmt: str = ".2f")
                                                              for a, b in zip(low, high)])
         out = out.drop(columns=[c for c in (f"{s} min", f"{s} max", f"{s} low", f"{s} high") if c in out])
     out["seeds"] = ["-" if pd.isna(n) else ("calibration-free" if n == 0 else str(n)) for n in out["seeds"]]
+    if "alpha" in out:
+        out["alpha"] = ["-" if pd.isna(a) else f"{a:g}" for a in out["alpha"]]
     return out
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows in the paper's order: float, per channel by decreasing bits, then per group; methods in order."""
+    """Rows in the paper's order: float, per channel by decreasing bits, then per group; methods in order, each
+    by increasing MagR alpha."""
     if df.empty:
         return df
     key = pd.DataFrame({"g": df["group"].map(lambda g: 0 if g in ("channel", "-") else 1),
                         "b": -pd.to_numeric(df["bits"]).fillna(np.inf),
-                        "m": df["method"].map(METHOD_ORDER.index)})
-    return df.loc[key.sort_values(["g", "b", "m"], kind="stable").index].reset_index(drop=True)
+                        "m": df["method"].map(METHOD_ORDER.index),
+                        "a": pd.to_numeric(df["alpha"]) if "alpha" in df else 0.0})
+    return df.loc[key.sort_values(["g", "b", "m", "a"], kind="stable").index].reset_index(drop=True)
 
 
 def with_paper(table: pd.DataFrame) -> pd.DataFrame:
-    """Add the paper's LLaMA-2 WikiText-2 perplexities of the same (setting, method), where published."""
+    """Add the paper's LLaMA-2 WikiText-2 perplexities of the same (setting, method) at the paper's alpha, where
+    published."""
     out = table.copy()
+    alphas = out["alpha"] if "alpha" in out else [None] * len(out)
+    names = [m if a in (None, "-") or pd.isna(a) else method_name(m, float(a), g)
+             for m, a, g in zip(out["method"], alphas, out["group"])]
     for j, model in enumerate(PAPER_MODELS):
-        out[f"paper {model} WikiText-2"] = [
-            PAPER_WIKITEXT2.get((s, m), (None,) * 3)[j] for s, m in zip(out["setting"], out["method"])]
+        out[f"paper {model} WikiText-2"] = [PAPER_WIKITEXT2.get((s, m), (None,) * 3)[j]
+                                            for s, m in zip(out["setting"], names)]
     return out
 
 
