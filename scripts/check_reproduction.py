@@ -9,7 +9,8 @@ Committed values: reports/metrics.json at a git revision (--committed, default H
 scripts/build_report.py; fresh values: the tables in the working tree's reports/. The rules (magr.reproduction.reported):
 a seed-averaged perplexity must fall in the committed rerun interval, a calibration-free one within 1 %, a
 zero-shot accuracy of the float or RTN model within one standard error, one of a model that reads calibration data in
-the 95 % interval of a second draw on the same items, a Table 1 fraction rank within 1 point. Prints one verdict per
+the 95 % interval of a second draw on the same items, a Table 1 fraction rank within 1 point, the alpha sweep's
+error ratio at the paper's alpha in its interval over layers (its perplexities as Table 2's). Prints one verdict per
 value and exits 1 if any value is outside or missing.
 """
 from __future__ import annotations

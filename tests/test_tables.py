@@ -220,3 +220,32 @@ def test_zero_shot_rule_depends_on_whether_the_model_reads_calibration_data(tmp_
     assert verdicts["zero-shot W3 RTN piqa"] == "OUTSIDE" and verdicts["zero-shot W3 OPTQ piqa"] == "within"
     assert rerun_accuracy(0, 20)[1] > 0 and rerun_accuracy(100, 20)[0] < 100
     assert rerun_accuracy(50, 2000)[1] - 50 == pytest.approx(1.96 * 100 * (2 * 0.25 / 2000) ** 0.5, rel=1e-3)
+
+
+def test_reproduction_check_reads_the_alpha_ablation(tmp_path):
+    """alpha/<model>/alpha_optimum.csv: the ratio at the paper's alpha with its interval over layers (a NaN ratio
+    is not a value); alpha_perplexity/<model>/alpha_perplexity.csv: Table 2's rules, the alpha in the name."""
+    from magr.reproduction.reported import compare, report_values
+
+    (tmp_path / "alpha" / "m1").mkdir(parents=True)
+    pd.DataFrame([{"grid": "per channel", "quantizer": "RTN", "bits": 3, "ratio at paper": 0.8, "paper 95% low": 0.7,
+                   "paper 95% high": 0.9},
+                  {"grid": "g4", "quantizer": "OPTQ", "bits": 2, "ratio at paper": float("nan"),
+                   "paper 95% low": float("nan"), "paper 95% high": float("nan")}]
+                 ).to_csv(tmp_path / "alpha" / "m1" / "alpha_optimum.csv", index=False)
+    (tmp_path / "alpha_perplexity" / "m1").mkdir(parents=True)
+    pd.DataFrame([{"set": "c4", "bits": 3, "method": "RTN", "alpha": None, "ppl": 50.0, "min": 50.0, "max": 50.0,
+                   "rerun low": 50.0, "rerun high": 50.0, "seeds": 0},
+                  {"set": "c4", "bits": 3, "method": "MagR+RTN", "alpha": 0.001, "ppl": 20.0, "min": 19.0,
+                   "max": 21.0, "rerun low": 17.0, "rerun high": 23.0, "seeds": 3}]
+                 ).to_csv(tmp_path / "alpha_perplexity" / "m1" / "alpha_perplexity.csv", index=False)
+    values = report_values(tmp_path)
+    assert set(values) == {"alpha ratio m1 per channel RTN W3 at paper alpha", "alpha ppl m1 c4 W3 RTN",
+                           "alpha ppl m1 c4 W3 MagR+RTN alpha=0.001"}
+    ratio = values["alpha ratio m1 per channel RTN W3 at paper alpha"]
+    assert (ratio["low"], ratio["high"], ratio["rule"]) == (0.7, 0.9, "interval over layers")
+    assert values["alpha ppl m1 c4 W3 RTN"]["rule"] == "float-sum order"
+    assert values["alpha ppl m1 c4 W3 MagR+RTN alpha=0.001"]["rule"] == "rerun interval"
+    fresh = {**values, "alpha ratio m1 per channel RTN W3 at paper alpha": {**ratio, "value": 0.95}}
+    assert compare(values, fresh).set_index("value")["verdict"]["alpha ratio m1 per channel RTN W3 at paper alpha"] \
+        == "OUTSIDE"
