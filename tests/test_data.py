@@ -220,3 +220,24 @@ def test_resolve_source(data_root, tmp_path):
     (tmp_path / "wikitext2" / "wiki.test.raw").write_text("x\n")
     with pytest.raises(FileNotFoundError, match="wiki.valid.tokens"):  # the calibration stand-in is missing
         data.resolve_source("wikitext2", tmp_path)
+
+
+def test_a_text_is_tokenized_once_per_tokenizer_files(monkeypatch):
+    """tokenize_text remembers a text per tokenizer (class, files, vocabulary, BOS / EOS): a tokenizer loaded again
+    from the same file does not tokenize it again; one that adds no BOS does; the caller's copy is its own."""
+    from magr.pipeline.sources import stories260k_path
+    from magr.pipeline.tokenizer import SentencePieceTokenizer
+
+    monkeypatch.setattr(data, "_TOKENIZED", type(data._TOKENIZED)())
+    calls = []
+    encode = SentencePieceTokenizer._tokenize
+    monkeypatch.setattr(SentencePieceTokenizer, "_tokenize", lambda self, t, **k: calls.append(t) or encode(self, t))
+    text = "Once upon a time there was a little dog. " * 20
+    path = stories260k_path() / "tokenizer.model"
+
+    first = data.tokenize_text(text, SentencePieceTokenizer(path))
+    first[0] = -1  # the caller's copy
+    again = data.tokenize_text(text, SentencePieceTokenizer(path))
+    assert len(calls) == 1 and again[0] != -1 and torch.equal(again[1:], first[1:])
+    no_bos = data.tokenize_text(text, SentencePieceTokenizer(path, add_bos_token=False))
+    assert len(calls) == 2 and torch.equal(no_bos, again[1:]) and len(data._TOKENIZED) == 2

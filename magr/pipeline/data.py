@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -251,10 +252,28 @@ def tinystories_cut(text: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------- tokens
+_TOKENIZED: OrderedDict = OrderedDict()  # (tokenizer class, files, vocabulary, BOS / EOS, text length, hash) -> tokens
+TOKENIZED_KEEP = 4                        # texts remembered per process
+
+
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:
-    """1-D LongTensor of the whole text, tokenized once with the tokenizer's default special tokens."""
+    """1-D LongTensor of the whole text, tokenized with the tokenizer's default special tokens. The last
+    :data:`TOKENIZED_KEEP` texts are remembered per tokenizer (its class, the files it was loaded from, its
+    vocabulary size and whether it adds BOS / EOS), so the seeds and cells of one process that draw windows from
+    one text tokenize it once (each seed's run loads the tokenizer again). Returns a copy the caller may change."""
+    source = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "vocab_file", None)
+    key = (type(tokenizer).__qualname__, str(source), len(tokenizer), getattr(tokenizer, "add_bos_token", None),
+           getattr(tokenizer, "add_eos_token", None), len(text), hash(text)) if source else None
+    if key in _TOKENIZED:
+        _TOKENIZED.move_to_end(key)
+        return _TOKENIZED[key].clone()
     ids = tokenizer(text, return_attention_mask=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).flatten()
+    tokens = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if key is not None:
+        _TOKENIZED[key] = tokens.clone()
+        while len(_TOKENIZED) > TOKENIZED_KEEP:
+            _TOKENIZED.popitem(last=False)
+    return tokens
 
 
 def get_eval_tokens(source: str, tokenizer, split: str = "test", data_root=None,
