@@ -15,15 +15,12 @@ from magr.core.fista import fast_iters_matching, fista_momenta, magr_fista
 from magr.core.preprocessing import MagR
 from magr.core.solver import exact_objective, lambda_max_lanczos, magr_ista
 
+import magr_problems
+
 
 def problem(seed: int, out: int = 48, n: int = 96, tokens: int = 64, heavy: bool = False):
     """W_hat (out x n) with outlier entries and H = X^T X of random features (rank <= tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(tokens, n, generator=g)
-    if heavy:
-        X = X * torch.exp(torch.randn(n, generator=g))
-    W = 0.02 * torch.randn(out, n, generator=g)
-    W[::7, n // 2] = 0.3
+    W, X = magr_problems.problem(seed, out, n, tokens, heavy)
     return W, X.T @ X
 
 

@@ -9,20 +9,7 @@ import torch
 from magr.core.projection import prox_linf
 from magr.core.solver import exact_objective, lambda_max, magr_ista
 from magr.core.spg import linf_prox_rows, magr_spg
-
-
-def problem(seed: int, out: int = 48, n: int = 96, tokens: int = 64, heavy: bool = False, massive: bool = False):
-    """W_hat with outlier entries and features X (tokens x n, rank <= tokens); ``massive``: one token 30x larger
-    (as the attention-sink token of real LLM features), ``heavy``: log-normal channel scales."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(tokens, n, generator=g)
-    if heavy:
-        X = X * torch.exp(torch.randn(n, generator=g))
-    if massive:
-        X[0] *= 30.0
-    W = 0.02 * torch.randn(out, n, generator=g)
-    W[::7, n // 2] = 0.3
-    return W, X
+from magr_problems import problem
 
 
 def normalised(H):
