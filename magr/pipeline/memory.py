@@ -15,6 +15,10 @@ On a CPU run host and device are one memory: the sum.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import sys
+
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -102,3 +106,31 @@ def memory_table(models: dict[str, Shapes] = LLAMA2, **protocol) -> str:
         rows.append(f"| {name} | {m['model']:.1f} | {m['block']:.2f} | {m['resident']:.2f} | {m['host']:.2f} | "
                     f"{m['calibration']:.2f} | {m['device']:.2f} | {m['eval']:.2f} | {m['cpu']:.1f} |")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------- the allocator
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+STEADY_MMAP_BYTES = 1 << 20                   # buffers from 1 MiB up get their own mmap, given back when freed
+STEADY_FROM_BLOCK_BYTES = 256 << 20           # streamed models whose largest block is at least this
+
+
+def steady_allocator(nbytes: int = STEADY_MMAP_BYTES) -> bool:
+    """Have glibc's malloc serve every buffer of ``nbytes`` or more with its own mmap and return freed memory above
+    ``nbytes`` to the system (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD, as MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ would at start). Setting them also stops glibc from raising its mmap threshold each time
+    a large buffer is freed: with that dynamic threshold the block-sized buffers of a streamed run came from the
+    heap and its peak crept up block after block (7B-shaped OPTQ, 10 blocks, one thread: 6.34 -> 6.67 GiB; with
+    these settings 6.25 GiB flat; benchmarks/NOTES.md). Allocation only, no arithmetic changes (torch aligns its
+    buffers itself). Returns False where malloc is not glibc's (macOS, musl): nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1 and libc.mallopt(M_TRIM_THRESHOLD, int(nbytes)) == 1
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        log.info("allocator: buffers of %d bytes or more are mmapped and given back when freed", nbytes)
+    return ok

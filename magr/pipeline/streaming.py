@@ -35,6 +35,7 @@ from .models import (
     load_model,
     model_source,
 )
+from .memory import STEADY_FROM_BLOCK_BYTES, steady_allocator
 from .persistence import PARAMS_FILE, grid_tensors, save_tokenizer, staged_folder
 from .shards import (
     INDEX_FILE,
@@ -154,6 +155,9 @@ class StreamedModel:
         files = TensorFiles.of_folder(folder)
         source = cls(model, files, dtype=dtype, prefetch=prefetch)
         source._load_resident()
+        block_bytes = max(files.nbytes(source.block_names(i)) for i in range(len(source)))
+        if block_bytes >= STEADY_FROM_BLOCK_BYTES:  # a model where memory is the point: a peak that does not creep
+            steady_allocator()
         log.info("streaming %s: %d blocks read one at a time; resident %.3f GB (embeddings, norm, lm_head)",
                  folder, len(source), source.resident_bytes() / 1e9)
         return source
