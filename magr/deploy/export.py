@@ -42,7 +42,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..pipeline.models import linear_shapes
-from ..pipeline.shards import shard_name, write_index, write_safetensors
+from ..pipeline.shards import write_sharded
 from ..pipeline.streaming import LAYERS_PREFIX
 from .packing import pack_int32
 from ..pipeline.persistence import PARAMS_FILE, load_quant_params, lock_problem, read_run, save_tokenizer, write_json
@@ -299,21 +299,21 @@ def export_streamed(source_model, tokenizer, params: dict[str, QuantParams], gri
     version, desc_act = _layout(export, params)
     n = len(source_model) + 1
 
-    def write_weights(folder: Path) -> None:
-        weight_map, total = {}, 0
+    def packed_block(i: int) -> dict[str, torch.Tensor]:
+        state = {f"{LAYERS_PREFIX}{i}.{k}": v for k, v in source_model.read_block(i).items()}
+        tensors = _half({k: v for k, v in state.items() if k.removesuffix(".weight") not in params})
+        for name in sorted(n for n in params if n.startswith(f"{LAYERS_PREFIX}{i}.")):
+            lc = layer_codes(name, state[f"{name}.weight"], params[name].cpu())
+            tensors.update(_packed(name, lc, grid, export, version))
+        return tensors
+
+    def shards():  # one at a time: each block's shard, then the resident tensors
         for i in tqdm(range(n - 1), desc=f"export {export.format}", unit="block"):
-            state = {f"{LAYERS_PREFIX}{i}.{k}": v for k, v in source_model.read_block(i).items()}
-            tensors = _half({k: v for k, v in state.items() if k.removesuffix(".weight") not in params})
-            for name in sorted(n for n in params if n.startswith(f"{LAYERS_PREFIX}{i}.")):
-                lc = layer_codes(name, state[f"{name}.weight"], params[name].cpu())
-                tensors.update(_packed(name, lc, grid, export, version))
-            write_safetensors(folder / shard_name(i, n), tensors)
-            weight_map.update(dict.fromkeys(tensors, shard_name(i, n)))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        resident = _half(source_model.resident_state())
-        write_safetensors(folder / shard_name(n - 1, n), resident)
-        weight_map.update(dict.fromkeys(resident, shard_name(n - 1, n)))
-        write_index(folder, weight_map, total + sum(t.numel() * t.element_size() for t in resident.values()))
+            yield packed_block(i)
+        yield _half(source_model.resident_state())
+
+    def write_weights(folder: Path) -> None:
+        write_sharded(folder, shards(), n)
 
     return _write_folder(model, tokenizer, grid, export, version, desc_act, out, source, len(params), write_weights)
 

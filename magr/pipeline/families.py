@@ -115,7 +115,6 @@ def gguf_architecture(path) -> str | None:
     return None
 
 
-
 def model_type(model) -> str | None:
     """The ``model_type`` of a loaded model, a config, or a model alias / folder / .gguf / hub id (read from its
     config.json or GGUF header, without loading weights)."""

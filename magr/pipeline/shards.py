@@ -14,6 +14,7 @@ import hashlib
 import json
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,3 +196,14 @@ def write_index(folder, weight_map: dict[str, str], total_size: int) -> None:
     """model.safetensors.index.json: every tensor name -> the shard holding it (atomically)."""
     write_json(Path(folder) / INDEX_FILE, {"metadata": {"total_size": total_size},
                                            "weight_map": dict(sorted(weight_map.items()))})
+
+
+def write_sharded(folder, shards: Iterable[dict[str, torch.Tensor]], n: int) -> None:
+    """Write each dict of ``shards`` (``n`` of them, made one at a time) as shard i of n, then the index naming
+    them (:func:`write_index`)."""
+    folder, weight_map, total = Path(folder), {}, 0
+    for i, tensors in enumerate(shards):
+        write_safetensors(folder / shard_name(i, n), tensors)
+        weight_map.update(dict.fromkeys(tensors, shard_name(i, n)))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    write_index(folder, weight_map, total)

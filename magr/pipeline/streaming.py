@@ -44,6 +44,7 @@ from .shards import (
     shard_name,
     write_index,
     write_safetensors,
+    write_sharded,
 )
 
 log = logging.getLogger(__name__)
@@ -317,12 +318,6 @@ def convert_folder(source, out, dtype: torch.dtype, tokenizer=None) -> Path:
             shutil.copyfile(source / "generation_config.json", stage / "generation_config.json")
         if tokenizer is not None:
             save_tokenizer(tokenizer, stage)
-        weight_map, total = {}, 0
-        for i, group in enumerate(tqdm(groups, desc="convert", unit="shard")):
-            tensors = files.read(group, dtype=dtype)
-            write_safetensors(stage / shard_name(i, n), tensors)
-            weight_map.update(dict.fromkeys(group, shard_name(i, n)))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        write_index(stage, weight_map, total)
+        write_sharded(stage, (files.read(g, dtype=dtype) for g in tqdm(groups, desc="convert", unit="shard")), n)
     log.info("converted %s to %s (%s, %d shards, one per block)", source, out, dtype, n)
     return out
