@@ -6,7 +6,10 @@ Every ``--interval`` seconds the RSS of the command and all its child processes 
 ``--limit-gib`` the whole process group is killed (SIGKILL) at once, so a run that does not fit fails under the
 limit instead of driving the machine into its out-of-memory killer (which may pick another job). The last line
 printed is JSON: command, return code, wall seconds, peak RSS (GiB), and whether the limit killed it; ``--log``
-also gets one line per second of the RSS timeline.
+also gets one line per second of the RSS timeline. ``--summarize LOG --window S`` reads such a timeline back and
+prints the highest and lowest logged RSS of every S-second window (a run's blocks, one after another):
+
+    python benchmarks/peak_rss.py --summarize run.rss.jsonl --window 240 [--skip 20]
 """
 from __future__ import annotations
 
@@ -60,13 +63,35 @@ def run(command: list[str], limit: int, interval: float, log=None) -> dict:
             "peak_rss_gib": round(peak / GIB, 3), "limit_gib": round(limit / GIB, 2), "killed_at_limit": killed}
 
 
+def windows(path, window: float, skip: float = 0.0) -> list[dict]:
+    """Per ``window`` seconds of a logged timeline from ``skip`` on: its start, the highest and the lowest RSS."""
+    rows = [json.loads(line) for line in open(path)]
+    out, t = [], skip
+    while rows and t <= rows[-1]["t"]:
+        part = [r["rss_gib"] for r in rows if t <= r["t"] < t + window]
+        if part:
+            out.append({"from_s": t, "max_gib": max(part), "min_gib": min(part)})
+        t += window
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit-gib", type=float, required=True, help="kill the command above this RSS")
+    p.add_argument("--limit-gib", type=float, help="kill the command above this RSS (required to run one)")
     p.add_argument("--interval", type=float, default=0.05, help="seconds between samples (default 0.05)")
     p.add_argument("--log", default=None, help="write the RSS timeline here (JSON lines)")
+    p.add_argument("--summarize", default=None, help="a --log timeline to summarize per --window instead of a run")
+    p.add_argument("--window", type=float, default=60.0, help="seconds per window of --summarize")
+    p.add_argument("--skip", type=float, default=0.0, help="seconds at the start of the timeline to leave out")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = p.parse_args(argv)
+    if args.summarize:
+        print("| from s | max RSS GiB | min RSS GiB |\n|---|---|---|")
+        for w in windows(args.summarize, args.window, args.skip):
+            print(f"| {w['from_s']:g} | {w['max_gib']:.2f} | {w['min_gib']:.2f} |")
+        return 0
+    if args.limit_gib is None:
+        p.error("--limit-gib is required to run a command")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command given (put it after --)")

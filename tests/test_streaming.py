@@ -183,7 +183,7 @@ def test_steady_allocator_gives_block_sized_buffers_back():
     creeping peak); after steady_allocator they are mmapped and given back."""
     import subprocess
 
-    def growth(mode):  # one thread: the default then keeps ~37 MiB here (with two, ~350 MiB)
+    def growth(mode):  # one thread: the default keeps tens of MiB of this pattern here (hundreds with two)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, "-c", STEADY_CHECK, mode], capture_output=True, text=True, check=True,
                              env=env)
