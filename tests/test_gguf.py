@@ -41,7 +41,7 @@ def _ppl(model, tokens) -> float:
                                           (["--method", "magr+optq", "--iters", "5", "--bits", "4", "--group-size",
                                             "64"], "Q4_1"),
                                           (["--method", "rtn", "--bits", "8", "--sym"], "Q8_0")])
-def test_gguf_reads_back_our_weights_and_perplexity(flags, qtype, tiny, tmp_path, data_root):
+def test_gguf_reads_back_our_weights_and_perplexity(flags, qtype, tiny, tmp_path, data_root, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from magr.pipeline.data import get_eval_tokens
@@ -80,6 +80,12 @@ def test_gguf_reads_back_our_weights_and_perplexity(flags, qtype, tiny, tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
     ours, back = _ppl(model, tokens), _ppl(reloaded, tokens)
     assert abs(back / ours - 1) <= 1e-3, (ours, back)
+    # magr's own GGUF loading: the same weights, the config, weights and tokenizer from one parse of the file
+    parses, real = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or real(*a, **k))
+    again, _ = load_model(str(out / "model.gguf"))
+    assert len(parses) == 1
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), reloaded.state_dict().values()))
 
 
 @pytest.mark.parametrize("model_flags, message", [

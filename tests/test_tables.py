@@ -170,6 +170,9 @@ def test_zeroshot_table_and_markdown():
     lines = md.splitlines()
     assert lines[0] == "| max\\|w\\| | name |"
     assert lines[2] == "| 1.23 | a |" and lines[3] == "| - | b |"
+    # a non-zero value the format would round to zero (Table 4's alpha column at ".1f") keeps its digits
+    small = tables.markdown_table(pd.DataFrame({"alpha": [0.001, 0.0, 2.25]}), ".1f").splitlines()[2:]
+    assert small == ["| 0.001 |", "| 0.0 |", "| 2.2 |"]
 
 
 def test_write_table(tmp_path):

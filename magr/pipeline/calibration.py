@@ -144,13 +144,19 @@ class BlockInputs:
     inps: torch.Tensor | None  # None: walked without calibration data
     kwargs: dict | None
     forward_dtype: torch.dtype | None = None  # the dtype of the block's forwards (None: its own)
+    outputs: torch.Tensor | None = None  # set by stats(keep_outputs=True): the next block's inputs
 
     @torch.no_grad()
-    def stats(self, groups: Sequence[Sequence[str]], batch: int = FORWARD_BATCH) -> dict[str, LayerStats]:
+    def stats(self, groups: Sequence[Sequence[str]], batch: int = FORWARD_BATCH,
+              keep_outputs: bool = False) -> dict[str, LayerStats]:
         """Forward the inputs through the block and accumulate the statistics of the linear layers in
         ``groups`` (name tuples; the layers of a tuple share one input, so one accumulator, hooked on the
         first). Each forward stops once the last group's input is captured. Returns name -> statistics
-        (None for every layer of a block walked without inputs)."""
+        (None for every layer of a block walked without inputs).
+
+        ``keep_outputs``: run the whole block and keep its outputs in ``self.outputs``, which the walk then
+        passes on as the next block's inputs: one forward per block instead of two, for walks that leave the
+        weights as they are (Figure 1, Table 1; a quantizing walk needs the outputs of the changed block)."""
         if self.inps is None:
             return {name: None for names in groups for name in names}
         stats: dict[str, LayerStats] = {}
@@ -160,25 +166,28 @@ class BlockInputs:
             st = LayerStats(first.in_features, self.inps.device)
             stats.update({name: st for name in names})
 
-            def hook(module, args, st=st, stop=k == len(groups) - 1):
+            def hook(module, args, st=st, stop=k == len(groups) - 1 and not keep_outputs):
                 st.add(args[0])
                 if stop:
                     raise StopForward
 
             handles.append(first.register_forward_pre_hook(hook))
-        n = self.inps.shape[0]
+        n, outs = self.inps.shape[0], []
         try:
             with forward_cast(self.block, self.forward_dtype):
                 for i in range(0, n, batch):
                     for st in stats.values():
                         st.has_last = i + batch >= n
                     try:
-                        self.block(self.inps[i : i + batch], **self.kwargs)
+                        out = self.block(self.inps[i : i + batch], **self.kwargs)
+                        outs.append(out[0] if isinstance(out, tuple) else out)
                     except StopForward:
                         pass
         finally:
             for h in handles:
                 h.remove()
+        if keep_outputs:
+            self.outputs = torch.cat(outs, 0)
         return stats
 
 
@@ -210,8 +219,11 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, device, last: int 
     blocks = blocks if blocks is not None else ResidentBlocks(model)
     for i in range(n):
         block = blocks.open(i, device)
-        yield BlockInputs(i, block, inps, layer_kwargs[i], forward_dtype)
-        if i + 1 < n and inps is not None:
+        blk = BlockInputs(i, block, inps, layer_kwargs[i], forward_dtype)
+        yield blk
+        if i + 1 < n and blk.outputs is not None:
+            inps = blk.outputs  # the caller's stats(keep_outputs=True) ran the unchanged block
+        elif i + 1 < n and inps is not None:
             inps = block_forward(block, inps, layer_kwargs[i], batch=forward_batch, forward_dtype=forward_dtype)
         blocks.close(i, block)
         if device.type == "cuda":

@@ -77,6 +77,30 @@ def allow_unused_imports() -> None:
             del sys.modules[name]
 
 
+@contextmanager
+def gguf_parsed_once():
+    """Within the block, one parse of a GGUF file's metadata serves every reader of it.
+
+    transformers opens a GGUF three times for one model (its config, its weights, its tokenizer) and each
+    ``gguf.GGUFReader`` parses all the metadata, element by element: Gemma-3's 262k-entry vocabulary makes that
+    the larger part of loading it. The readers are only read, so one per file is shared."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _from_gguf(gguf: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -148,7 +172,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
     kind, where = model_source(name_or_path)
     if kind == "gguf":
-        model = _from_gguf(where, dtype)
+        with gguf_parsed_once():  # config, weights and (unless cached) tokenizer from one parse
+            model = _from_gguf(where, dtype)
+            if tokenizer is None:
+                from .tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(name_or_path)
     else:
         # a local folder or a hub id (the hub path needs network access, unavailable offline)
         log.info("loading model %s", where)

@@ -41,12 +41,13 @@ def magr_weight_samples(model, calib: torch.Tensor, layers: Sequence[tuple[int, 
             raise ValueError(f"layer {name!r} unknown; allowed: {', '.join(LINEAR_NAMES)}")
     out = []
     last = max(b for b, _ in wanted)
-    blocks = walk_blocks(model, calib, device, last=last, forward_batch=1)
+    blocks = walk_blocks(model, calib, device, last=last)
     for blk in tqdm(blocks, total=last + 1, desc="features", unit="block", disable=not progress):
-        stats = blk.stats(SEQUENTIAL_GROUPS)
-        for b, name in wanted:
-            if b != blk.index:
-                continue
+        names = [name for b, name in wanted if b == blk.index]
+        if not names:
+            continue  # no statistics: the walk's one forward gives the next block's inputs
+        stats = blk.stats([g for g in SEQUENTIAL_GROUPS if set(g) & set(names)], keep_outputs=True)
+        for name in names:
             H = cfg.features(stats[name])
             W = blk.block.get_submodule(name).weight.data.float()
             W_new, info = magr_ista(W, H, cfg.alpha, cfg.iters, group_size, projection="newton", return_info=True)

@@ -77,9 +77,9 @@ def feature_rank_table(model, calib: torch.Tensor, rel_tol: float = REL_TOL, dev
         if name not in LINEAR_NAMES:
             raise ValueError(f"spectra layer {name!r} unknown; allowed: {', '.join(LINEAR_NAMES)}")
     rows, out_spectra = [], {}
-    blocks = walk_blocks(model, calib, device, forward_batch=1)
+    blocks = walk_blocks(model, calib, device)
     for blk in tqdm(blocks, total=len(checked_layers(model)), desc="features", unit="block", disable=not progress):
-        i, stats = blk.index, blk.stats(SEQUENTIAL_GROUPS)
+        i, stats = blk.index, blk.stats(SEQUENTIAL_GROUPS, keep_outputs=True)  # one forward per block
         cache: dict[int, tuple] = {}
         for name in LINEAR_NAMES:
             st = stats[name]

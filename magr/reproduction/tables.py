@@ -212,14 +212,16 @@ def zeroshot_differences(results: Mapping[str, Mapping], a: str, b: str, z: floa
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".2f", index: bool = False) -> str:
-    """A GitHub Markdown table of ``df`` (NaN/None shown as '-')."""
+    """A GitHub Markdown table of ``df`` (NaN/None shown as '-'; a non-zero number that ``floatfmt`` would round
+    to zero, such as MagR's alpha 0.001 at ".1f", and one of 1e4 or more in three significant digits)."""
     def fmt(v):
         if v is None or (not isinstance(v, str) and pd.isna(v)):
             return "-"
         if isinstance(v, (float, np.floating)):
-            if abs(v) >= 1e4:
+            text = format(v, floatfmt)
+            if abs(v) >= 1e4 or (v != 0 and float(text) == 0):
                 return f"{v:.3g}"
-            return format(v, floatfmt)
+            return text
         return str(v)
 
     def esc(text) -> str:
