@@ -70,3 +70,45 @@ def test_profile_has_every_key_dvc_yaml_reads(path):
         for key, item in (items.items() if isinstance(items, dict) else enumerate(items)):
             missing += [f"{name}@{key}: {ref}" for ref in _missing(stage["do"], {**params, "item": item, "key": key})]
     assert not missing, f"{path.name} lacks keys that dvc.yaml reads: {missing}"
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kept_profile_reports_are_the_outputs_dvc_lock_names(tmp_path):
+    """keep_profile_reports copies what the profile's stages wrote under reports/ (from dvc.lock) and the wall
+    time, not the default's files left in reports/; an output dvc.lock names but the tree lacks is an error."""
+    keep = _script("keep_profile_reports")
+    lock = {"schema": "2.0", "stages": {
+        "quantize@w3-rtn": {"cmd": "magr quantize", "outs": [{"path": "runs/cells/w3-rtn"}]},
+        "alpha@gemma3-270m": {"cmd": "papermill", "outs": [{"path": "reports/notebooks/alpha_sweep_gemma3-270m.ipynb"},
+                                                          {"path": "reports/alpha/gemma3-270m"}]},
+        "report": {"cmd": "python scripts/build_report.py", "outs": [{"path": "reports/REPORT.md"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    for rel in ("reports/notebooks/alpha_sweep_gemma3-270m.ipynb", "reports/alpha/gemma3-270m/alpha_sweep.csv",
+                "reports/REPORT.md", "reports/pipeline_wall_time.md", "reports/alpha/smollm2-135m/alpha_sweep.csv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert keep.report_outputs(tmp_path) == ["reports/REPORT.md", "reports/alpha/gemma3-270m",
+                                             "reports/notebooks/alpha_sweep_gemma3-270m.ipynb",
+                                             "reports/pipeline_wall_time.md"]
+    (tmp_path / "reports/REPORT.md").unlink()
+    with pytest.raises(FileNotFoundError, match="reports/REPORT.md"):
+        keep.report_outputs(tmp_path)
+
+
+def test_check_reproduction_refuses_a_profile_params_yaml_does_not_run():
+    check = _script("check_reproduction")
+    running = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["profile"]
+    assert check.metrics_path(None) == "reports/metrics.json"
+    assert check.metrics_path(running) == f"reports/profiles/{running}/metrics.json"
+    other = next(p.stem for p in PROFILES[1:] if p.stem != running)  # PROFILES[0] is params.yaml
+    with pytest.raises(SystemExit, match=f"params.yaml is profile '{running}'"):
+        check.metrics_path(other)

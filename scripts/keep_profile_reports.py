@@ -1,0 +1,96 @@
+"""Keep a profile's reports beside the default's: copy what the profile's pipeline wrote under reports/ into
+``<dest>/<profile>/`` with a README.md that says which command, commit and machine made them.
+
+    git clone /path/to/magr prof && cd prof                   # a clone: the profile replaces the default's reports
+    cp profiles/gemma3-270m.yaml params.yaml
+    OMP_NUM_THREADS=1 make repro                               # (the threads the runs used go into the README)
+    python scripts/keep_profile_reports.py --dest /path/to/magr/reports/profiles --threads 1
+
+What is copied is derived, not listed: every output under reports/ of every stage in dvc.lock (so files of the
+default that the profile's stages do not write stay behind) and reports/pipeline_wall_time.md (written by
+`make repro`). The profile's reports/metrics.json is then the reference of
+``scripts/check_reproduction.py --profile <profile>``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from magr.pipeline.machine import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def report_outputs(root: Path) -> list[str]:
+    """The paths under reports/ that the stages of ``root``'s dvc.lock wrote, and the wall-time table."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        raise FileNotFoundError(f"{lock} not found: run the profile's pipeline (`make repro`) in {root} first")
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    outs = sorted({o["path"] for s in stages.values() for o in s.get("outs", []) if o["path"].startswith("reports/")})
+    if (root / "reports/pipeline_wall_time.md").is_file():
+        outs.append("reports/pipeline_wall_time.md")
+    missing = [p for p in outs if not (root / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"outputs named in dvc.lock are missing: {', '.join(missing)}; rerun `dvc repro`")
+    return outs
+
+
+def git(*args: str, root: Path) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dest", required=True, help="folder that gets <profile>/ (e.g. the main tree's reports/profiles)")
+    p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "torch's default"),
+                   help="the torch threads the runs used, for the README (default: $OMP_NUM_THREADS)")
+    p.add_argument("--note", default="", help="a line for the README (e.g. what else ran on the machine)")
+    args = p.parse_args(argv)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    profile = params.get("profile")
+    if not profile or not (ROOT / "profiles" / f"{profile}.yaml").is_file():
+        raise SystemExit(f"params.yaml names profile {profile!r}, which is not in profiles/; copy a profile to "
+                         "params.yaml and run it first")
+    if (ROOT / "profiles" / f"{profile}.yaml").read_text() != (ROOT / "params.yaml").read_text():
+        raise SystemExit(f"params.yaml differs from profiles/{profile}.yaml: keep only the reports of a profile as "
+                         "it is committed")
+    outs = report_outputs(ROOT)
+    dest = Path(args.dest) / profile
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in outs:
+        src, dst = ROOT / rel, dest / Path(rel).relative_to("reports")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=ROOT).splitlines()
+               if not ln.endswith("params.yaml")]
+    commit = git("rev-parse", "HEAD", root=ROOT) + (" (with uncommitted changes)" if changed else "")
+    info = machine_info()
+    lines = [f"# Profile `{profile}`: its reports, as its pipeline wrote them", "",
+             f"- command: `cp profiles/{profile}.yaml params.yaml && make repro` (torch threads: {args.threads})",
+             f"- commit: {commit}",
+             f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, GPU {info['gpu']}; "
+             f"torch {info['torch']}, transformers {info['transformers']}",
+             f"- kept: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} by `python "
+             f"scripts/keep_profile_reports.py` (every output under reports/ in dvc.lock, and pipeline_wall_time.md)",
+             f"- check: `cp profiles/{profile}.yaml params.yaml && make repro && python scripts/check_reproduction.py "
+             f"--profile {profile}`"]
+    if args.note:
+        lines.append(f"- note: {args.note}")
+    lines += ["", "The report: [REPORT.md](REPORT.md); wall time per stage: [pipeline_wall_time.md](pipeline_wall_time.md).",
+              ""]
+    (dest / "README.md").write_text("\n".join(lines))
+    print(f"kept {len(outs)} outputs of profile {profile} in {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
