@@ -45,11 +45,13 @@ def _newton_on_candidates(vals, rows, tau, t: float | torch.Tensor, n_rows: int,
     count = None
     for _ in range(max_steps):
         act = vals > tau[rows]
-        new_count = torch.bincount(rows[act], minlength=n_rows)
+        # tau only rises, so an entry once inactive stays so: keep the active ones (in order: the same sums)
+        vals, rows = vals[act], rows[act]
+        new_count = torch.bincount(rows, minlength=n_rows)
         if count is not None and torch.equal(new_count, count):
             break
         count = new_count
-        s = torch.zeros(n_rows, dtype=vals.dtype, device=vals.device).index_add_(0, rows[act], vals[act])
+        s = torch.zeros(n_rows, dtype=vals.dtype, device=vals.device).index_add_(0, rows, vals)
         tau = torch.maximum(tau, (s - t) / count.clamp(min=1).to(vals.dtype))
     return tau, count
 
