@@ -65,14 +65,12 @@ def run(command: list[str], limit: int, interval: float, log=None) -> dict:
 
 def windows(path, window: float, skip: float = 0.0) -> list[dict]:
     """Per ``window`` seconds of a logged timeline from ``skip`` on: its start, the highest and the lowest RSS."""
-    rows = [json.loads(line) for line in open(path)]
-    out, t = [], skip
-    while rows and t <= rows[-1]["t"]:
-        part = [r["rss_gib"] for r in rows if t <= r["t"] < t + window]
-        if part:
-            out.append({"from_s": t, "max_gib": max(part), "min_gib": min(part)})
-        t += window
-    return out
+    parts: dict[int, list[float]] = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r["t"] >= skip:
+            parts.setdefault(int((r["t"] - skip) // window), []).append(r["rss_gib"])
+    return [{"from_s": skip + k * window, "max_gib": max(v), "min_gib": min(v)} for k, v in sorted(parts.items())]
 
 
 def main(argv=None) -> int:

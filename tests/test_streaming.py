@@ -194,3 +194,19 @@ def test_steady_allocator_gives_block_sized_buffers_back():
         pytest.skip(f"this malloc kept only {default:.1f} MiB with its defaults: the pattern shows no creep here")
     steady = growth("steady")
     assert steady < 8, f"RSS grew {steady:.1f} MiB over 12 rounds with the steady allocator ({default:.1f} without)"
+
+
+def test_peak_rss_summary_windows(tmp_path, monkeypatch):
+    """benchmarks/peak_rss.py --summarize: highest and lowest RSS per window of a logged timeline, from --skip on;
+    a window without samples is left out."""
+    import json
+
+    from conftest import load_benchmark
+
+    peak_rss = load_benchmark("peak_rss", monkeypatch)
+    log = tmp_path / "run.rss.jsonl"
+    log.write_text("".join(json.dumps({"t": t, "rss_gib": r}) + "\n"
+                           for t, r in [(0, 9.0), (5, 1.0), (10, 2.0), (14, 3.0), (19, 2.5), (41, 4.0)]))
+    assert peak_rss.windows(log, 10, skip=5) == [{"from_s": 5, "max_gib": 3.0, "min_gib": 1.0},
+                                                 {"from_s": 15, "max_gib": 2.5, "min_gib": 2.5},
+                                                 {"from_s": 35, "max_gib": 4.0, "min_gib": 4.0}]

@@ -180,7 +180,8 @@ class BlockInputs:
                         st.has_last = i + batch >= n
                     try:
                         out = self.block(self.inps[i : i + batch], **self.kwargs)
-                        outs.append(out[0] if isinstance(out, tuple) else out)
+                        if keep_outputs:
+                            outs.append(out[0] if isinstance(out, tuple) else out)
                     except StopForward:
                         pass
         finally:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -171,21 +171,18 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
     kind, where = model_source(name_or_path)
-    if kind == "gguf":
-        with gguf_parsed_once():  # config, weights and (unless cached) tokenizer from one parse
+    # a GGUF's config, weights and (unless cached) tokenizer from one parse of the file
+    with gguf_parsed_once() if kind == "gguf" else nullcontext():
+        if kind == "gguf":
             model = _from_gguf(where, dtype)
-            if tokenizer is None:
-                from .tokenizer import load_tokenizer
+        else:
+            # a local folder or a hub id (the hub path needs network access, unavailable offline)
+            log.info("loading model %s", where)
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+        if tokenizer is None:
+            from .tokenizer import load_tokenizer
 
-                tokenizer = load_tokenizer(name_or_path)
-    else:
-        # a local folder or a hub id (the hub path needs network access, unavailable offline)
-        log.info("loading model %s", where)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-    if tokenizer is None:
-        from .tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(name_or_path)
+            tokenizer = load_tokenizer(name_or_path)
     model.to(device)
     model.eval()
     return model, tokenizer
