@@ -61,6 +61,13 @@ def _add_settings(p: argparse.ArgumentParser, fields: dict) -> None:
         _add_setting(p, name, f)
 
 
+def _workers(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"CPU: run {what} in this many processes of one thread each (default 1: one process, "
+                        "torch's threads); the numbers are then those of one thread whatever the count and the "
+                        "machine's cores (magr.pipeline.workers)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local folder, .gguf, or alias: smollm2-135m (embedded GGUF), gemma3-270m (GGUF from "
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads no calibration data, RTN, runs once); --save keeps the first seed's model")
     q.add_argument("--out", required=True, help="output folder (magr_run.json, magr_layers.json, the model)")
     _load(q)
+    _workers(q, "the seeds of --seeds and their perplexity sets (a streamed model)")
     q.add_argument("--checkpoint-dir", default=None,
                    help="save each finished block here and resume an interrupted run (default: OUT/.blocks)")
     q.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -135,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     _add_settings(e, flat_fields(Evaluation))
     _load(e)
+    _workers(e, "the perplexity sets")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     z = sub.add_parser("zeroshot", help="lm-eval zero-shot accuracy (ARC-e/c, PIQA, Winogrande)")
@@ -163,11 +172,14 @@ def cmd_quantize(args) -> dict:
     export = None if args.save_format == "float" else Export(args.save_format, args.gptq_version)
     options = dict(dtype=args.dtype, forward_dtype=args.forward_dtype, device=args.device, data_root=args.data_root,
                    resume=args.resume, keep_checkpoints=args.keep_checkpoints, load=args.load)
+    if args.workers != 1 and args.seeds is None:
+        raise ValueError(f"--workers {args.workers} shares a cell's seeds and sets between processes: give --seeds "
+                         "(e.g. --seeds 0), or drop --workers")
     if args.seeds is not None:
         if args.checkpoint_dir:
             raise ValueError("--checkpoint-dir is per run; with --seeds each seed checkpoints into its own folder")
         return {"seeds": quantize_cell(args.model, args.out, quant, args.seeds, calibration, evaluation,
-                                       save=args.save, export=export, **options)}
+                                       save=args.save, export=export, workers=args.workers, **options)}
     return quantize_run(args.model, args.out, quant, calibration, evaluation, save=args.save,
                         checkpoint_dir=args.checkpoint_dir, export=export, **options)
 
@@ -184,7 +196,7 @@ def cmd_ppl(args) -> dict:
 
     out = perplexity_run(args.model, Evaluation(**_given(args, flat_fields(Evaluation))), dtype=args.dtype,
                          device=args.device, data_root=args.data_root, forward_dtype=args.forward_dtype,
-                         load=args.load)
+                         load=args.load, workers=args.workers)
     if args.json:
         write_json(args.json, out)
     return out

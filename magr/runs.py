@@ -5,22 +5,26 @@ folder, or measure a model's perplexity. Every check that can fail runs before t
 from __future__ import annotations
 
 import logging
+from concurrent.futures import as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .pipeline import preflight
 from .pipeline.calibration_data import Calibration
-from .pipeline.checkpoints import RESUME_POLICIES
+from .pipeline.checkpoints import RESUME_POLICIES, remove_checkpoints, shard_path
 from .evaluation.perplexity import Evaluation
 from .deploy.export import Export, check_exportable, check_output_folder, export_model, export_streamed
 from .core.methods import QuantConfig
 from .pipeline.families import window_protocol
-from .pipeline.models import DTYPES, linear_shapes, load_model, resolve_device
-from .pipeline.persistence import retire_run, run_lock, save_quantized, write_run
+from .pipeline.models import DTYPES, linear_shapes, load_model, model_source, resolve_device
+from .pipeline.persistence import CHECKPOINT_FOLDER, retire_run, run_lock, save_quantized, write_run
 from .pipeline.blocks import Interrupted, quantize_model
-from .pipeline.streaming import open_model, save_streamed, will_stream
+from .pipeline.shards import TensorFiles
+from .pipeline.streaming import StreamedModel, open_model, save_streamed, will_stream
+from .pipeline.workers import check_workers, worker_pool
 from .core.settings import check_choice
 from .pipeline.machine import NATIVE_HALF, native_half
 from .pipeline.tokenizer import load_tokenizer
@@ -157,35 +161,105 @@ def seed_folder(out, seed: int) -> Path:
 
 def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calibration = Calibration(),
                   evaluation: Evaluation = Evaluation(), save: bool = False, export: Export | None = None,
-                  **options) -> list[dict]:
+                  workers: int = 1, **options) -> list[dict]:
     """One cell of the pipeline: :func:`quantize_run` once per calibration seed, into OUT/seed-<seed>.
 
     A method that reads no calibration data (RTN) gives the same model for every seed, so it runs once,
     for the first seed. ``save`` keeps the model of the first seed only (the one the zero-shot stages
     evaluate), and ``export`` packs that model. ``options`` go to :func:`quantize_run`. The evaluation sets are read and
-    tokenized once for all seeds. Returns the run metadata of each seed.
+    tokenized once for all seeds. ``workers`` > 1: the seeds and their evaluation sets run in that many one-thread
+    processes (:func:`_cell_in_workers`). Returns the run metadata of each seed.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds} must be a non-empty list of distinct integers")
+    check_workers(workers, resolve_device(options.get("device")))
+    if workers > 1 and not will_stream(model, options.get("load", "auto")):
+        raise ValueError(f"workers={workers} evaluates each seed's model from its block checkpoints, which needs a "
+                         f"streamed model: a folder of safetensors files (load auto or stream), not {str(model)!r} "
+                         f"with load={options.get('load', 'auto')}; prepare one (python scripts/prepare_model.py "
+                         "--source MODEL --out FOLDER) or use workers=1")
     if not quant.uses_calibration:
         if len(seeds) > 1:
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
         seeds = seeds[:1]
-    if len(seeds) > 1 and evaluation.eval_sets and "streams" not in options:
+    if (len(seeds) > 1 or workers > 1) and evaluation.eval_sets and "streams" not in options:
         evaluation.check(options.get("data_root"))
         options["streams"] = evaluation.streams(load_tokenizer(model), options.get("data_root"))
+    if workers > 1:
+        return _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, export, workers, options)
     return [quantize_run(model, seed_folder(out, s), quant, replace(calibration, seed=s), evaluation,
                          save=save and i == 0, export=export if i == 0 else None, **options)
             for i, s in enumerate(seeds)]
 
 
+def _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, export, workers, options) -> list[dict]:
+    """:func:`quantize_cell` in ``workers`` one-thread processes (:mod:`magr.pipeline.workers`): each seed's
+    quantization is a task (:func:`quantize_run` without its evaluation, its block checkpoints kept), and as one
+    ends, each of its evaluation sets is a task over those checkpoints (:func:`evaluate_checkpoints`); then the
+    seed's ``magr_run.json`` gets its perplexities and the checkpoints go. The numbers are those of the same cell
+    run in one process at one thread, whatever the schedule."""
+    streams, keep = options.pop("streams", None), options.pop("keep_checkpoints", False)
+    evaluation = evaluation.for_protocol(window_protocol(model))
+    folders = {s: seed_folder(out, s) for s in seeds}
+    runs, ppl = {}, {}
+    tasks = len(seeds) * (1 + len(evaluation.eval_sets))
+    with worker_pool(workers) as pool, tqdm(total=tasks, desc=f"{quant.label}: seeds, then their sets "
+                                                              f"({workers} workers)", unit="task") as bar:
+        quantizing = {pool.submit(quantize_run, model, folders[s], quant, replace(calibration, seed=s),
+                                  replace(evaluation, eval_sets=()), save=save and i == 0,
+                                  export=export if i == 0 else None, keep_checkpoints=True, progress=False,
+                                  **options): s for i, s in enumerate(seeds)}
+        evaluating = {}
+        for done in as_completed(quantizing):
+            s = quantizing[done]
+            runs[s] = done.result()
+            bar.update()
+            for name in evaluation.eval_sets:
+                evaluating[pool.submit(evaluate_checkpoints, model, folders[s] / CHECKPOINT_FOLDER,
+                                       replace(evaluation, eval_sets=(name,)), {name: streams[name]},
+                                       dtype=options.get("dtype", "float32"), forward_dtype=runs[s]["forward_dtype"],
+                                       data_root=options.get("data_root"))] = (s, name)
+        for done in as_completed(evaluating):
+            ppl[evaluating[done]] = done.result()[evaluating[done][1]]
+            bar.update()
+    for s in seeds:
+        if evaluation.eval_sets:
+            runs[s]["ppl"] = {name: ppl[s, name] for name in evaluation.eval_sets}
+            write_run(folders[s], runs[s])
+        if not keep:
+            remove_checkpoints(folders[s] / CHECKPOINT_FOLDER)
+    return [runs[s] for s in seeds]
+
+
+def evaluate_checkpoints(model, checkpoints, evaluation: Evaluation, streams: dict | None = None,
+                         dtype: str = "float32", forward_dtype: str | None = None, data_root=None) -> dict:
+    """Perplexities of a streamed :func:`quantize_run`'s model on the CPU from its kept block checkpoints: the
+    resident tensors (embeddings, final norm, lm_head) of the folder ``model`` and the quantized blocks in
+    ``checkpoints``; the same forwards, in ``forward_dtype``, as the run's own evaluation."""
+    source = StreamedModel.from_folder(model_source(model)[1], DTYPES[dtype])
+    quantized = source.with_blocks(TensorFiles([shard_path(checkpoints, i) for i in range(len(source))]))
+    return evaluation.perplexities(source.model, load_tokenizer(model), "cpu", data_root, streams=streams,
+                                   forward_dtype=DTYPES[forward_dtype or dtype], blocks=quantized)
+
+
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,
-                   data_root=None, forward_dtype: str | None = None, load: str = "auto") -> dict:
+                   data_root=None, forward_dtype: str | None = None, load: str = "auto", workers: int = 1) -> dict:
     """Perplexity of ``model`` on every set of ``evaluation``: {"model", "dtype", "forward_dtype", "ppl": {set:
     {...}}}, the forwards in ``forward_dtype`` (default ``dtype``); ``load`` as in :func:`quantize_run` (a
-    streamed model goes through its blocks one at a time: :func:`magr.evaluation.perplexity.streamed_nll`)."""
+    streamed model goes through its blocks one at a time: :func:`magr.evaluation.perplexity.streamed_nll`).
+    ``workers`` > 1: one set per task in that many one-thread processes (:mod:`magr.pipeline.workers`)."""
     dev = resolve_device(device)
+    if check_workers(workers, dev) > 1:
+        sets = evaluation.eval_sets
+        if not sets:
+            raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
+        evaluation.check(data_root)
+        with worker_pool(min(workers, len(sets))) as pool:
+            parts = [pool.submit(perplexity_run, model, replace(evaluation, eval_sets=(name,)), dtype, device,
+                                 data_root, forward_dtype, load) for name in sets]
+            parts = [part.result() for part in parts]
+        return {**parts[0], "ppl": {name: part["ppl"][name] for name, part in zip(sets, parts)}}
     forward = forward_dtype_of(dtype, forward_dtype, dev)
     if not evaluation.eval_sets:
         raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")

@@ -176,12 +176,20 @@ def _windows(params: dict) -> str:
             f"window {wp.eval_bos} ({wp.reason})")
 
 
+def _workers(workers: int) -> str:
+    if workers > 1:
+        return (f"{workers} processes of one thread each run a cell's seeds and perplexity sets (magr.pipeline.workers): "
+                "the quantize cells' and the float model's numbers are one-thread numbers on any machine")
+    return "1 process with torch's threads (a thread per core: the numbers depend on the core count)"
+
+
 def settings_table(params: dict) -> str:
     cal, ev, zs = params.get("calibration", {}), params.get("evaluation", {}), params.get("zeroshot", {})
     rows = [
         ("profile", params.get("profile")),
         ("model", f"{params['prepare']['source']} (saved as {params['model']}, {params['prepare']['dtype']})"),
         ("device", params.get("device")),
+        ("CPU workers", _workers(params.get("workers", 1))),
         ("forward dtype", f"{params.get('forward_dtype', params['prepare']['dtype'])} (calibration propagation, "
                           "evaluation, zero-shot; the math in float32)"),
         ("calibration", "{nsamples} windows x {seqlen} tokens of {calib}, {sampler} sampler".format(**cal)

@@ -8,7 +8,7 @@ atomically, the .json last, so the .json commits the block. A rerun resumes bloc
 
 - its key equals this run's key (:func:`resume_key`): the numerics version of the library
   (:data:`NUMERICS_VERSION`) and of torch, the settings (``QuantConfig.fingerprint()``), the calibration
-  tokens (SHA-256 of their bytes), the parameter dtype, the device type, and the model: a chain of SHA-256
+  tokens (SHA-256 of their bytes), the parameter dtype, the device type, the CPU threads, and the model: a chain of SHA-256
   digests over the model's config, its embeddings and blocks 0..i as loaded, so block i's key covers every
   weight its result depends on;
 - its files are intact (the JSON parses, the .pt and .safetensors have the recorded digests, the tensors fit
@@ -48,8 +48,9 @@ NUMERICS_VERSION = 2
 RESUME_POLICIES = ("auto", "never", "force")
 
 _FIELDS = {"numerics": "library numerics version", "settings": "settings", "calibration": "calibration tokens",
-           "dtype": "dtype", "forward_dtype": "forward dtype", "device": "device type", "model": "model (its config, embeddings or block weights)"}
-_SHOWN = ("numerics", "dtype", "forward_dtype", "device")  # fields whose old and new values are short enough to print
+           "dtype": "dtype", "forward_dtype": "forward dtype", "device": "device type",
+           "threads": "CPU threads (forwards round differently with them)", "model": "model (its config, embeddings or block weights)"}
+_SHOWN = ("numerics", "dtype", "forward_dtype", "device", "threads")  # fields whose old and new values are short enough to print
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "use_cache", "dtype", "torch_dtype")
 
 
@@ -81,6 +82,7 @@ def resume_key(model: nn.Module, cfg, calib: torch.Tensor, device, forward_dtype
             "dtype": str(dtype).removeprefix("torch."),
             "forward_dtype": str(forward_dtype or dtype).removeprefix("torch."),
             "device": torch.device(device).type,
+            "threads": torch.get_num_threads() if torch.device(device).type == "cpu" else None,
             "model": digest(embeddings, seed=_config_text(model))}
 
 
@@ -120,7 +122,7 @@ class BlockCheckpoints:
 
     def shard(self, i: int) -> Path:
         """Block ``i``'s tensors (safetensors, named ``model.layers.i.*``)."""
-        return self.folder / f"block_{i:03d}.safetensors"
+        return shard_path(self.folder, i)
 
     def load(self, i: int, block: nn.Module, device) -> tuple[dict[str, QuantParams], list[dict], float] | None:
         """Block ``i``'s checkpoint loaded into ``block`` (weights as loaded), as (grids, records, seconds),
@@ -200,11 +202,7 @@ class BlockCheckpoints:
 
     def remove(self) -> None:
         """Delete every checkpoint file (after the run's outputs are written), and the folder if empty."""
-        self._discard_from(0)
-        try:
-            self.folder.rmdir()
-        except OSError:
-            pass
+        remove_checkpoints(self.folder)
 
     # -- internals
     def _stop(self, i: int) -> None:
@@ -219,10 +217,29 @@ class BlockCheckpoints:
         return self._stop(i)
 
     def _discard_from(self, i: int) -> int:
-        n = 0
-        for f in sorted(self.folder.glob("block_*.*")) + sorted(self.folder.glob(".block_*.tmp*")):
-            index = f.name.lstrip(".").split("_")[1].split(".")[0]
-            if index.isdigit() and int(index) >= i:
-                f.unlink(missing_ok=True)
-                n += f.suffix == ".json"
-        return n
+        return _discard(self.folder, i)
+
+
+def shard_path(folder, i: int) -> Path:
+    """Block ``i``'s tensors in the checkpoint folder ``folder`` (safetensors, named ``model.layers.i.*``)."""
+    return Path(folder) / f"block_{i:03d}.safetensors"
+
+
+def remove_checkpoints(folder) -> None:
+    """Delete every checkpoint file in ``folder``, and the folder if that leaves it empty."""
+    _discard(Path(folder), 0)
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass
+
+
+def _discard(folder: Path, start: int) -> int:
+    """Delete the checkpoint files of blocks ``start``, ``start`` + 1, ...; returns how many blocks they were."""
+    n = 0
+    for f in sorted(folder.glob("block_*.*")) + sorted(folder.glob(".block_*.tmp*")):
+        index = f.name.lstrip(".").split("_")[1].split(".")[0]
+        if index.isdigit() and int(index) >= start:
+            f.unlink(missing_ok=True)
+            n += f.suffix == ".json"
+    return n

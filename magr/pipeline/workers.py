@@ -1,0 +1,55 @@
+"""Worker processes that share a CPU: the independent pieces of a job (one calibration seed's quantization, one
+evaluation set of a model) run in ``workers`` spawned processes of one thread each.
+
+Why processes: on a small CPU, two one-thread processes get more done than one process with two threads (2-core
+AMD EPYC, one OPTQ W4 seed of SmolLM2-135M with its two perplexity sets: 81 s at two threads; two seeds side by
+side at one thread each: 112 and 114 s for both; benchmarks/NOTES.md "Workers"). Why one thread: a run's numbers
+then no longer depend on the machine's core count, which torch's default (one thread per core) makes them do:
+bfloat16 forwards round differently with the thread count (the same seed at one and at two threads: WikiText-2
+perplexity 66.92 vs 65.08). Every task runs at one thread, so a job's numbers are those of the one-thread
+sequential job, whatever the schedule and whatever ``workers``: :func:`one_thread` gives that sequential job.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def check_workers(workers, device) -> int:
+    """``workers`` as an int >= 1; more than one only on a CPU (on a GPU the processes would share one device)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} not understood; allowed: an integer >= 1 (1: one process)")
+    if workers > 1 and torch.device(device).type != "cpu":
+        raise ValueError(f"workers={workers} shares a CPU between processes; on device {device} use workers=1")
+    return workers
+
+
+def one_thread() -> None:
+    """This process's torch work on one thread (what every worker runs with)."""
+    torch.set_num_threads(1)
+
+
+def _start(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    one_thread()
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``workers`` spawned one-thread processes (spawn: no fork of a process whose OpenMP threads
+    exist); on an interrupt the queued tasks are cancelled."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start, initargs=(logging.getLogger().getEffectiveLevel(),))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
