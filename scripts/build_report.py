@@ -12,12 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from magr.pipeline.families import window_protocol
 from magr.pipeline.machine import machine_info
 from magr.pipeline.persistence import write_json
 from magr.pipeline.sources import FLOAT_BASELINES
+from magr.reproduction.alpha_perplexity import alpha_table_of_table2, best_alphas
 from magr.reproduction.alpha_sweep import combined_optimum
 from magr.reproduction.reported import report_values
 from magr.reproduction.tables import markdown_table
@@ -158,6 +160,37 @@ def alpha_section(reports: Path) -> list[str]:
                       _strip_title((folder / "alpha_perplexity_best.md").read_text()), "",
                       _strip_title((folder / "alpha_perplexity.md").read_text()), "",
                       f"![alpha perplexity {folder.name}](alpha_perplexity/{folder.name}/alpha_perplexity.png)", ""]
+    return parts + profiles_section(reports)
+
+
+PROFILES = """\
+Profiles run on this project's machine (reports/profiles/<profile>/; each README gives the command, commit and
+machine, and `scripts/check_reproduction.py --profile <profile>` checks a rerun against them): Table 2's cells over
+three calibration seeds at more alphas (smollm2-alpha: W4 and W3) or on a second model family (gemma3-270m: the
+per-channel W4 / W3 grid, and W3 at three alphas). Per set, bits and MagR method: the alpha with the lowest mean
+perplexity, and whether its rerun interval overlaps the paper's alpha's (then the data do not tell them apart; when
+the best is the paper's alpha itself, trivially yes). The orderings are the profile's Table 2 orderings: stated only
+where they hold in every seed and the rerun lower bound is above 0."""
+
+
+def profiles_section(reports: Path) -> list[str]:
+    """The profiles' part of "alpha and scale": per profile kept under reports/profiles, its README lines, the best
+    alpha per set, bits and method (from its Table 2 csv), its Table 2 and its orderings."""
+    root = reports / "profiles"
+    folders = sorted(p for p in root.iterdir() if (p / "table2_perplexity.csv").is_file()) if root.is_dir() else []
+    if not folders:
+        return []
+    parts = ["### Profiles: end to end on the second family and over alpha", "", PROFILES, ""]
+    for folder in folders:
+        table2 = pd.read_csv(folder / "table2_perplexity.csv")
+        sets = [c for c in table2.columns if f"{c} low" in table2.columns]
+        table = alpha_table_of_table2(table2, sets)
+        readme = (folder / "README.md").read_text().splitlines() if (folder / "README.md").is_file() else []
+        parts += [f"#### Profile {folder.name}", "", *[ln for ln in readme if ln.startswith("- ")], "",
+                  "Best alpha (mean over seeds):", "", markdown_table(best_alphas(table), ".4g"), "",
+                  _strip_title((folder / "table2_perplexity.md").read_text()), ""]
+        if (folder / "table2_orderings.md").is_file():
+            parts += [_strip_title((folder / "table2_orderings.md").read_text()), ""]
     return parts
 
 

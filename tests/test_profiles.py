@@ -112,3 +112,29 @@ def test_check_reproduction_refuses_a_profile_params_yaml_does_not_run():
     other = next(p.stem for p in PROFILES[1:] if p.stem != running)  # PROFILES[0] is params.yaml
     with pytest.raises(SystemExit, match=f"params.yaml is profile '{running}'"):
         check.metrics_path(other)
+
+
+def test_report_shows_each_kept_profile_with_its_best_alpha(tmp_path):
+    """A profile folder under reports/profiles (its Table 2 csv with MagR cells at several alphas): the report's
+    profiles part names it, its README lines, the best alpha per set, bits and method, and its Table 2."""
+    import pandas as pd
+
+    report = _script("build_report")
+    root = Path(__file__).resolve().parents[1]
+    table2 = pd.read_csv(root / "reports/table2_perplexity.csv")
+    w3 = table2[(table2["setting"] == "W3") & (table2["method"] == "MagR+OPTQ")].iloc[0].to_dict()
+    better = {**w3, "method": "MagR+OPTQ alpha=0.01", "alpha": 0.01}
+    for s in ("wikitext2", "c4"):  # lower than the paper's alpha's interval on both sets: no overlap
+        scale = w3[f"{s} low"] / w3[s] / 2
+        better.update({k: w3[k] * scale for k in (s, f"{s} min", f"{s} max", f"{s} low", f"{s} high")})
+    folder = tmp_path / "reports/profiles/demo"
+    folder.mkdir(parents=True)
+    pd.concat([table2, pd.DataFrame([better])]).to_csv(folder / "table2_perplexity.csv", index=False)
+    (folder / "table2_perplexity.md").write_text("## Table 2\n\n| a |\n|---|\n| 1 |\n")
+    (folder / "README.md").write_text("# Profile `demo`\n\n- command: `make repro`\n- commit: abc\n\nother text\n")
+    parts = "\n".join(report.profiles_section(tmp_path / "reports"))
+    assert "#### Profile demo" in parts and "- commit: abc" in parts and "other text" not in parts
+    rows = [ln for ln in parts.splitlines() if ln.startswith("| wikitext2 | 3 | MagR+OPTQ |")]
+    plain = table2[(table2["setting"] == "W3") & (table2["method"] == "OPTQ")]["wikitext2"].iloc[0]
+    assert len(rows) == 1 and "| 0.01 |" in rows[0] and rows[0].rstrip(" |").endswith(f"False | {plain:.4g}")
+    assert report.profiles_section(tmp_path / "none") == []

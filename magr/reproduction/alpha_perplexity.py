@@ -70,3 +70,17 @@ def best_alphas(table: pd.DataFrame) -> pd.DataFrame:
                      "intervals overlap": overlap if not paper.empty else None,
                      "plain method": plain["ppl"].iloc[0] if not plain.empty else None})
     return pd.DataFrame(rows)
+
+
+def alpha_table_of_table2(table2: pd.DataFrame, eval_sets: Sequence[str]) -> pd.DataFrame:
+    """:func:`alpha_table`'s rows from a Table 2 csv (``table2_perplexity.csv`` of a profile whose cells run the
+    MagR methods at several alphas): its per-channel rows, the method without its " alpha=A" suffix (the alpha is
+    its own column; None for the plain methods), per set."""
+    rows = []
+    for r in table2[(table2["setting"] != "float") & (table2["group"] == "channel")].to_dict("records"):
+        for s in eval_sets:
+            rows.append({"set": s, "bits": int(r["bits"]), "method": str(r["method"]).split(" alpha=")[0],
+                         "alpha": None if pd.isna(r["alpha"]) else float(r["alpha"]), "ppl": r[s],
+                         "min": r[f"{s} min"], "max": r[f"{s} max"], "rerun low": r[f"{s} low"],
+                         "rerun high": r[f"{s} high"], "seeds": r["seeds"]})
+    return pd.DataFrame(rows)
