@@ -65,7 +65,8 @@ def _workers(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help=f"CPU: run {what} in this many processes of one thread each (default 1: one process, "
                         "torch's threads); the numbers are then those of one thread whatever the count and the "
-                        "machine's cores (magr.pipeline.workers)")
+                        "machine's cores; each process holds its own copy of the model's resident part and one "
+                        "block (magr.pipeline.workers)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -89,3 +89,15 @@ def test_checkpoints_of_another_thread_count_are_not_resumed(stories260k):
     torch.set_num_threads(1)
     assert keys[0]["threads"] == 1 and keys[1]["threads"] == 2
     assert {k: v for k, v in keys[0].items() if k != "threads"} == {k: v for k, v in keys[1].items() if k != "threads"}
+
+
+def test_a_failing_task_stops_the_pool_and_names_the_error(tmp_path, capsys):
+    """A task's error reaches the caller (here: a seed folder that cannot be written) and no worker is left."""
+    import multiprocessing
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "seed-1").write_text("a file where the seed's folder goes")
+    assert main(["quantize", *CELL, "--out", str(out), "--workers", "2"]) != 0
+    assert "seed-1" in capsys.readouterr().err
+    assert multiprocessing.active_children() == []

@@ -44,12 +44,18 @@ def _start(level: int) -> None:
 @contextmanager
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``workers`` spawned one-thread processes (spawn: no fork of a process whose OpenMP threads
-    exist); on an interrupt the queued tasks are cancelled."""
+    exist). On an error or an interrupt (Ctrl-C, SIGTERM) the queued tasks are cancelled and the running ones
+    stopped: what they finished is in their block checkpoints (written atomically), which a rerun resumes."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start, initargs=(logging.getLogger().getEffectiveLevel(),))
     try:
         yield pool
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public way before Python 3.14)
+        for process in processes:
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(10)
         raise
     pool.shutdown(wait=True)
