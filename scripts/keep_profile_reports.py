@@ -70,8 +70,8 @@ def main(argv=None) -> int:
         src, dst = ROOT / rel, dest / Path(rel).relative_to("reports")
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-    changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=ROOT).splitlines()
-               if not ln.endswith("params.yaml")]
+    changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=ROOT).splitlines()  # outputs aside
+               if not ln.endswith(("params.yaml", "dvc.lock")) and not ln[3:].startswith("reports/")]
     commit = git("rev-parse", "HEAD", root=ROOT) + (" (with uncommitted changes)" if changed else "")
     info = machine_info()
     lines = [f"# Profile `{profile}`: its reports, as its pipeline wrote them", "",

@@ -136,5 +136,5 @@ def test_report_shows_each_kept_profile_with_its_best_alpha(tmp_path):
     assert "#### Profile demo" in parts and "- commit: abc" in parts and "other text" not in parts
     rows = [ln for ln in parts.splitlines() if ln.startswith("| wikitext2 | 3 | MagR+OPTQ |")]
     plain = table2[(table2["setting"] == "W3") & (table2["method"] == "OPTQ")]["wikitext2"].iloc[0]
-    assert len(rows) == 1 and "| 0.01 |" in rows[0] and rows[0].rstrip(" |").endswith(f"False | {plain:.4g}")
+    assert len(rows) == 1 and "| 0.01 |" in rows[0] and rows[0].rstrip(" |").endswith(f"False | {plain:.4g} | 0.01 lower")
     assert report.profiles_section(tmp_path / "none") == []

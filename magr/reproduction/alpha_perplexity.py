@@ -84,3 +84,19 @@ def alpha_table_of_table2(table2: pd.DataFrame, eval_sets: Sequence[str]) -> pd.
                          "min": r[f"{s} min"], "max": r[f"{s} max"], "rerun low": r[f"{s} low"],
                          "rerun high": r[f"{s} high"], "seeds": r["seeds"]})
     return pd.DataFrame(rows)
+
+
+def against_paper_alpha(table: pd.DataFrame) -> pd.Series:
+    """Per row of :func:`best_alphas` (same set, bits, method order): every other alpha against the paper's, by their
+    rerun intervals: "higher" / "lower" where the intervals do not overlap, else "overlaps"."""
+    out = []
+    for (s, b, method), part in table[table["alpha"].notna()].groupby(["set", "bits", "method"], sort=False):
+        paper = part[part["alpha"] == paper_alpha(None)]
+        if paper.empty:
+            out.append("no cell at the paper's alpha")
+            continue
+        low, high = paper["rerun low"].iloc[0], paper["rerun high"].iloc[0]
+        words = [f"{a:g} {'higher' if lo > high else 'lower' if hi < low else 'overlaps'}"
+                 for a, lo, hi in zip(part["alpha"], part["rerun low"], part["rerun high"]) if a != paper_alpha(None)]
+        out.append(", ".join(words))
+    return pd.Series(out, name="other alphas vs the paper's (rerun intervals)")
