@@ -183,7 +183,11 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
         if len(seeds) > 1:
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
         seeds = seeds[:1]
-    if (len(seeds) > 1 or workers > 1) and evaluation.eval_sets and "streams" not in options:
+    if workers > 1 and evaluation.eval_sets:  # the sequential runs check it in quantize_run; the workers' do not see the sets
+        skeleton = preflight.model_skeleton(model, DTYPES[options.get("dtype", "float32")])
+        if skeleton is not None:
+            preflight.check_context(skeleton, evaluation.eval_seqlen, "eval_seqlen")
+    if (len(seeds) > 1 or workers > 1) and evaluation.eval_sets and options.get("streams") is None:
         evaluation.check(options.get("data_root"))
         options["streams"] = evaluation.streams(load_tokenizer(model), options.get("data_root"))
     if workers > 1:
@@ -200,9 +204,28 @@ def _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, ex
     seed's ``magr_run.json`` gets its perplexities and the checkpoints go. The numbers are those of the same cell
     run in one process at one thread, whatever the schedule."""
     streams, keep = options.pop("streams", None), options.pop("keep_checkpoints", False)
+    options.pop("progress", None)  # the tasks show none; the bar below counts them
     evaluation = evaluation.for_protocol(window_protocol(model))
     folders = {s: seed_folder(out, s) for s in seeds}
     runs, ppl = {}, {}
+    try:
+        _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options, streams, folders,
+                        runs, ppl)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: the finished blocks of every seed are in {Path(out)}/seed-*/"
+                          f"{CHECKPOINT_FOLDER}; rerun the same command to resume") from None
+    for s in seeds:
+        if evaluation.eval_sets:
+            runs[s]["ppl"] = {name: ppl[s, name] for name in evaluation.eval_sets}
+            write_run(folders[s], runs[s])
+        if not keep:
+            remove_checkpoints(folders[s] / CHECKPOINT_FOLDER)
+    return [runs[s] for s in seeds]
+
+
+def _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options, streams, folders,
+                    runs: dict, ppl: dict) -> None:
+    """The tasks of :func:`_cell_in_workers`; fills ``runs`` (seed -> run metadata) and ``ppl`` ((seed, set) -> entry)."""
     tasks = len(seeds) * (1 + len(evaluation.eval_sets))
     with worker_pool(workers) as pool, tqdm(total=tasks, desc=f"{quant.label}: seeds, then their sets "
                                                               f"({workers} workers)", unit="task") as bar:
@@ -223,13 +246,6 @@ def _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, ex
         for done in as_completed(evaluating):
             ppl[evaluating[done]] = done.result()[evaluating[done][1]]
             bar.update()
-    for s in seeds:
-        if evaluation.eval_sets:
-            runs[s]["ppl"] = {name: ppl[s, name] for name in evaluation.eval_sets}
-            write_run(folders[s], runs[s])
-        if not keep:
-            remove_checkpoints(folders[s] / CHECKPOINT_FOLDER)
-    return [runs[s] for s in seeds]
 
 
 def evaluate_checkpoints(model, checkpoints, evaluation: Evaluation, streams: dict | None = None,
@@ -251,6 +267,9 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     ``workers`` > 1: one set per task in that many one-thread processes (:mod:`magr.pipeline.workers`)."""
     dev = resolve_device(device)
     if check_workers(workers, dev) > 1:
+        if not will_stream(model, load):  # each worker holds the model: only its resident part, when streamed
+            raise ValueError(f"workers={workers} loads the model once per process: it needs a streamed model (a "
+                             f"folder of safetensors files, load auto or stream), not {str(model)!r} with load={load}")
         sets = evaluation.eval_sets
         if not sets:
             raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")

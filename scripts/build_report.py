@@ -140,7 +140,7 @@ def alpha_section(reports: Path) -> list[str]:
     root = reports / "alpha"
     folders = {p.name: p for p in sorted(root.iterdir()) if (p / "alpha_optimum.csv").is_file()} if root.is_dir() else {}
     if not folders:
-        return []
+        return profiles_section(reports)
     parts = ["## alpha and scale: the alpha ablation, layer by layer", "", ALPHA, "",
              markdown_table(combined_optimum(folders), ".4g"), "",
              "| model | layers | window protocol | seconds: load, features, sweep |", "|---|---:|---|---|"]
@@ -186,14 +186,15 @@ def profiles_section(reports: Path) -> list[str]:
         table2 = pd.read_csv(folder / "table2_perplexity.csv")
         sets = [c for c in table2.columns if f"{c} low" in table2.columns]
         table = alpha_table_of_table2(table2, sets)
-        best, versus = best_alphas(table), against_paper_alpha(table)
-        best[versus.name] = versus.to_numpy()
         readme = (folder / "README.md").read_text().splitlines() if (folder / "README.md").is_file() else []
-        parts += [f"#### Profile {folder.name}", "", *[ln for ln in readme if ln.startswith("- ")], "",
-                  "Best alpha (mean over seeds):", "", markdown_table(best, ".4g"), "",
-                  _strip_title((folder / "table2_perplexity.md").read_text()), ""]
-        if (folder / "table2_orderings.md").is_file():
-            parts += [_strip_title((folder / "table2_orderings.md").read_text()), ""]
+        parts += [f"#### Profile {folder.name}", "", *[ln for ln in readme if ln.startswith("- ")], ""]
+        if not table.empty and table["alpha"].notna().any():  # MagR cells per channel
+            best, versus = best_alphas(table), against_paper_alpha(table)
+            best[versus.name] = versus.to_numpy()
+            parts += ["Best alpha (mean over seeds):", "", markdown_table(best, ".4g"), ""]
+        for md in ("table2_perplexity.md", "table2_orderings.md"):
+            if (folder / md).is_file():
+                parts += [_strip_title((folder / md).read_text()), ""]
     return parts
 
 

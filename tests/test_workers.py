@@ -55,6 +55,7 @@ def test_ppl_in_workers_equals_one_process(tmp_path, shared):
 @pytest.mark.parametrize("extra, message", [
     (["--workers", "0"], "workers=0 not understood; allowed: an integer >= 1"),
     (["--workers", "2", "--load", "full"], "workers=2 evaluates each seed's model from its block checkpoints"),
+    (["--workers", "2", "--eval-seqlen", "100000"], "eval_seqlen"),
 ])
 def test_bad_workers_are_refused_before_any_work(extra, message, tmp_path, capsys):
     args = [a for a in CELL if a not in ("--load", "stream")]
@@ -101,3 +102,6 @@ def test_a_failing_task_stops_the_pool_and_names_the_error(tmp_path, capsys):
     assert main(["quantize", *CELL, "--out", str(out), "--workers", "2"]) != 0
     assert "seed-1" in capsys.readouterr().err
     assert multiprocessing.active_children() == []
+    (out / "seed-1").unlink()  # the rerun is not refused (no stale run lock of a stopped task) and finishes
+    assert main(["quantize", *CELL, "--out", str(out), "--workers", "2"]) == 0
+    assert all((out / seed / "magr_run.json").is_file() for seed in ("seed-0", "seed-1"))

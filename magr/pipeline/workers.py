@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -36,8 +38,16 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _start(level: int) -> None:
+    """A worker: the caller's log level, one thread, no progress bars of its own (the caller shows the tasks), and
+    SIGTERM unwinding like Ctrl-C, so a stopped task releases its run lock and keeps its finished blocks."""
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ["TQDM_DISABLE"] = "1"
+    signal.signal(signal.SIGTERM, _interrupted)
     one_thread()
 
 
@@ -56,6 +66,8 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
-            process.join(10)
+            process.join(60)  # the task unwinds at its next Python step (after the matmul it is in)
+            if process.is_alive():
+                process.kill()
         raise
     pool.shutdown(wait=True)
