@@ -61,7 +61,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     try:
         yield pool
     except BaseException:
-        processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public way before Python 3.14)
+        processes = list((pool._processes or {}).values())  # private: no public way before Python 3.14
         for process in processes:
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
