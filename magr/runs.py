@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .pipeline import preflight
 from .pipeline.calibration_data import Calibration
-from .pipeline.checkpoints import RESUME_POLICIES, remove_checkpoints, shard_path
+from .pipeline.checkpoints import RESUME_POLICIES, remove_checkpoints
 from .evaluation.perplexity import Evaluation
 from .deploy.export import Export, check_exportable, check_output_folder, export_model, export_streamed
 from .core.methods import QuantConfig
@@ -22,7 +22,6 @@ from .pipeline.families import window_protocol
 from .pipeline.models import DTYPES, linear_shapes, load_model, model_source, resolve_device
 from .pipeline.persistence import CHECKPOINT_FOLDER, retire_run, run_lock, save_quantized, write_run
 from .pipeline.blocks import Interrupted, quantize_model
-from .pipeline.shards import TensorFiles
 from .pipeline.streaming import StreamedModel, open_model, save_streamed, will_stream
 from .pipeline.workers import check_workers, worker_pool
 from .core.settings import check_choice
@@ -154,6 +153,16 @@ def _export(net, tokenizer, params, grid, out: Path, export: Export, quantized, 
     export_model(net, tokenizer, params, grid, out / export.format, export, source=str(out))
 
 
+def _check_workers(workers, model, load: str, device, why: str) -> int:
+    """``workers`` checked (:func:`magr.pipeline.workers.check_workers`); more than one also needs a streamed model:
+    each process then holds only the model's resident part and one block."""
+    if check_workers(workers, resolve_device(device)) > 1 and not will_stream(model, load):
+        raise ValueError(f"workers={workers} {why}, which needs a streamed model: a folder of safetensors files "
+                         f"(load auto or stream), not {str(model)!r} with load={load}; prepare one (python "
+                         "scripts/prepare_model.py --source MODEL --out FOLDER) or use workers=1")
+    return workers
+
+
 def seed_folder(out, seed: int) -> Path:
     """The run folder of one calibration seed of a cell: OUT/seed-<seed>."""
     return Path(out) / f"seed-{seed}"
@@ -173,12 +182,8 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds} must be a non-empty list of distinct integers")
-    check_workers(workers, resolve_device(options.get("device")))
-    if workers > 1 and not will_stream(model, options.get("load", "auto")):
-        raise ValueError(f"workers={workers} evaluates each seed's model from its block checkpoints, which needs a "
-                         f"streamed model: a folder of safetensors files (load auto or stream), not {str(model)!r} "
-                         f"with load={options.get('load', 'auto')}; prepare one (python scripts/prepare_model.py "
-                         "--source MODEL --out FOLDER) or use workers=1")
+    _check_workers(workers, model, options.get("load", "auto"), options.get("device"),
+                   "evaluates each seed's model from its block checkpoints")
     if not quant.uses_calibration:
         if len(seeds) > 1:
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
@@ -207,10 +212,9 @@ def _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, ex
     options.pop("progress", None)  # the tasks show none; the bar below counts them
     evaluation = evaluation.for_protocol(window_protocol(model))
     folders = {s: seed_folder(out, s) for s in seeds}
-    runs, ppl = {}, {}
     try:
-        _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options, streams, folders,
-                        runs, ppl)
+        runs, ppl = _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options,
+                                    streams, folders)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: the finished blocks of every seed are in {Path(out)}/seed-*/"
                           f"{CHECKPOINT_FOLDER}; rerun the same command to resume") from None
@@ -223,9 +227,10 @@ def _cell_in_workers(model, out, quant, seeds, calibration, evaluation, save, ex
     return [runs[s] for s in seeds]
 
 
-def _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options, streams, folders,
-                    runs: dict, ppl: dict) -> None:
-    """The tasks of :func:`_cell_in_workers`; fills ``runs`` (seed -> run metadata) and ``ppl`` ((seed, set) -> entry)."""
+def _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, workers, options, streams,
+                    folders) -> tuple[dict, dict]:
+    """The tasks of :func:`_cell_in_workers`: (seed -> run metadata, (seed, set) -> perplexity entry)."""
+    runs, ppl = {}, {}
     tasks = len(seeds) * (1 + len(evaluation.eval_sets))
     with worker_pool(workers) as pool, tqdm(total=tasks, desc=f"{quant.label}: seeds, then their sets "
                                                               f"({workers} workers)", unit="task") as bar:
@@ -241,11 +246,12 @@ def _run_cell_tasks(model, quant, seeds, calibration, evaluation, save, export, 
             for name in evaluation.eval_sets:
                 evaluating[pool.submit(evaluate_checkpoints, model, folders[s] / CHECKPOINT_FOLDER,
                                        replace(evaluation, eval_sets=(name,)), {name: streams[name]},
-                                       dtype=options.get("dtype", "float32"), forward_dtype=runs[s]["forward_dtype"],
+                                       dtype=runs[s]["dtype"], forward_dtype=runs[s]["forward_dtype"],
                                        data_root=options.get("data_root"))] = (s, name)
         for done in as_completed(evaluating):
             ppl[evaluating[done]] = done.result()[evaluating[done][1]]
             bar.update()
+    return runs, ppl
 
 
 def evaluate_checkpoints(model, checkpoints, evaluation: Evaluation, streams: dict | None = None,
@@ -254,9 +260,8 @@ def evaluate_checkpoints(model, checkpoints, evaluation: Evaluation, streams: di
     resident tensors (embeddings, final norm, lm_head) of the folder ``model`` and the quantized blocks in
     ``checkpoints``; the same forwards, in ``forward_dtype``, as the run's own evaluation."""
     source = StreamedModel.from_folder(model_source(model)[1], DTYPES[dtype])
-    quantized = source.with_blocks(TensorFiles([shard_path(checkpoints, i) for i in range(len(source))]))
     return evaluation.perplexities(source.model, load_tokenizer(model), "cpu", data_root, streams=streams,
-                                   forward_dtype=DTYPES[forward_dtype or dtype], blocks=quantized)
+                                   forward_dtype=DTYPES[forward_dtype or dtype], blocks=source.with_checkpoints(checkpoints))
 
 
 def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", device: str | None = None,
@@ -266,23 +271,17 @@ def perplexity_run(model: str, evaluation: Evaluation, dtype: str = "float32", d
     streamed model goes through its blocks one at a time: :func:`magr.evaluation.perplexity.streamed_nll`).
     ``workers`` > 1: one set per task in that many one-thread processes (:mod:`magr.pipeline.workers`)."""
     dev = resolve_device(device)
-    if check_workers(workers, dev) > 1:
-        if not will_stream(model, load):  # each worker holds the model: only its resident part, when streamed
-            raise ValueError(f"workers={workers} loads the model once per process: it needs a streamed model (a "
-                             f"folder of safetensors files, load auto or stream), not {str(model)!r} with load={load}")
+    if not evaluation.eval_sets:
+        raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
+    evaluation.check(data_root)
+    if _check_workers(workers, model, load, dev, "loads the model once per process") > 1:
         sets = evaluation.eval_sets
-        if not sets:
-            raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
-        evaluation.check(data_root)
         with worker_pool(min(workers, len(sets))) as pool:
             parts = [pool.submit(perplexity_run, model, replace(evaluation, eval_sets=(name,)), dtype, device,
                                  data_root, forward_dtype, load) for name in sets]
             parts = [part.result() for part in parts]
         return {**parts[0], "ppl": {name: part["ppl"][name] for name, part in zip(sets, parts)}}
     forward = forward_dtype_of(dtype, forward_dtype, dev)
-    if not evaluation.eval_sets:
-        raise ValueError("no perplexity sets given; name them with eval_sets (CLI: --eval-sets wikitext2 c4)")
-    evaluation.check(data_root)
     evaluation = evaluation.for_model(model)  # the model family's windows, unless set
     preflight.check_weight_files(model)
     skeleton = preflight.model_skeleton(model, DTYPES[dtype])

@@ -166,8 +166,7 @@ def alpha_section(reports: Path) -> list[str]:
 PROFILES = """\
 Profiles run on this project's machine (reports/profiles/<profile>/; each README gives the command, commit and
 machine, and `scripts/check_reproduction.py --profile <profile>` checks a rerun against them): Table 2's cells over
-three calibration seeds at more alphas (smollm2-alpha: W4 and W3) or on a second model family (gemma3-270m: the
-per-channel W4 / W3 grid, and W3 at three alphas). Per set, bits and MagR method: the alpha with the lowest mean
+calibration seeds, at more alphas or on another model family. Per set, bits and MagR method: the alpha with the lowest mean
 perplexity, whether its rerun interval overlaps the paper's alpha's (then the data do not tell them apart; when
 the best is the paper's alpha itself, trivially yes), and each other alpha against the paper's ("higher" / "lower":
 their rerun intervals do not overlap). The orderings are the profile's Table 2 orderings: stated only

@@ -31,7 +31,6 @@ from ..core.methods import QuantConfig
 from .models import LINEAR_NAMES, SEQUENTIAL_GROUPS, checked_layers
 from .checkpoints import BlockCheckpoints, resume_key
 from ..core.quantizers import QuantParams
-from .shards import TensorFiles
 from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig, devi
         model.config.use_cache = use_cache
     result.seconds = time.perf_counter() - start
     if streamed:
-        result.quantized = blocks.with_blocks(TensorFiles([store.shard(i) for i in range(n_blocks)]))
+        result.quantized = blocks.with_checkpoints(store.folder)
     bad = [r for r in result.records if r["recon_error"] is not None and not math.isfinite(r["recon_error"])]
     if bad:
         log.warning("%d layers have a non-finite reconstruction error", len(bad))

@@ -35,6 +35,7 @@ from .models import (
     load_model,
     model_source,
 )
+from .checkpoints import shard_path
 from .memory import STEADY_FROM_BLOCK_BYTES, steady_allocator
 from .persistence import PARAMS_FILE, grid_tensors, save_tokenizer, staged_folder
 from .shards import (
@@ -163,8 +164,10 @@ class StreamedModel:
                  folder, len(source), source.resident_bytes() / 1e9)
         return source
 
-    def with_blocks(self, block_files: TensorFiles) -> StreamedModel:
-        """The same model with its blocks read from other files (the quantized blocks' checkpoint shards)."""
+    def with_checkpoints(self, folder) -> StreamedModel:
+        """The same model with its blocks read from the block checkpoints in ``folder`` (the quantized blocks'
+        shards, :func:`magr.pipeline.checkpoints.shard_path`)."""
+        block_files = TensorFiles([shard_path(folder, i) for i in range(len(self))])
         return StreamedModel(self.model, self.files, block_files, self.dtype, self.prefetch)
 
     def __len__(self) -> int:

@@ -55,13 +55,19 @@ def alpha_table(cells: Sequence[Mapping], eval_sets: Sequence[str]) -> pd.DataFr
     return df.drop(columns=["m", "a"]).reset_index(drop=True)
 
 
+def _per_magr_method(table: pd.DataFrame):
+    """(set, bits, method), its rows over alpha and its row at the paper's alpha (maybe empty), per MagR method of
+    :func:`alpha_table`, in the table's order."""
+    for key, part in table[table["alpha"].notna()].groupby(["set", "bits", "method"], sort=False):
+        yield key, part, part[part["alpha"] == paper_alpha(None)]
+
+
 def best_alphas(table: pd.DataFrame) -> pd.DataFrame:
     """Per set, bits and MagR method: the alpha with the lowest mean perplexity, whether its rerun interval
     overlaps the paper's alpha's (then the data do not tell them apart), and the plain method's perplexity."""
     rows = []
-    for (s, b, method), part in table[table["alpha"].notna()].groupby(["set", "bits", "method"], sort=False):
+    for (s, b, method), part, paper in _per_magr_method(table):
         best = part.loc[part["ppl"].idxmin()]
-        paper = part[part["alpha"] == paper_alpha(None)]
         plain = table[(table["set"] == s) & (table["bits"] == b) & (table["method"] == method.removeprefix("MagR+"))]
         overlap = (not paper.empty and best["rerun low"] <= paper["rerun high"].iloc[0]
                    and paper["rerun low"].iloc[0] <= best["rerun high"])
@@ -90,8 +96,7 @@ def against_paper_alpha(table: pd.DataFrame) -> pd.Series:
     """Per row of :func:`best_alphas` (same set, bits, method order): every other alpha against the paper's, by their
     rerun intervals: "higher" / "lower" where the intervals do not overlap, else "overlaps"."""
     out = []
-    for (s, b, method), part in table[table["alpha"].notna()].groupby(["set", "bits", "method"], sort=False):
-        paper = part[part["alpha"] == paper_alpha(None)]
+    for _, part, paper in _per_magr_method(table):
         if paper.empty:
             out.append("no cell at the paper's alpha")
             continue
