@@ -216,7 +216,8 @@ def _workers(workers: int) -> str:
     if workers > 1:
         return (f"{workers} processes of one thread each run a cell's seeds and perplexity sets (magr.pipeline.workers): "
                 "the quantize cells' and the float model's numbers are one-thread numbers on any machine")
-    return "1 process with torch's threads (a thread per core: the numbers depend on the core count)"
+    return ("1 process with torch's threads ($OMP_NUM_THREADS, else a thread per core: the numbers depend on that "
+            "count)")
 
 
 def settings_table(params: dict) -> str:

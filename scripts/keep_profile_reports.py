@@ -5,10 +5,13 @@
     cp profiles/gemma3-270m.yaml params.yaml
     OMP_NUM_THREADS=1 make repro                               # (the threads the runs used go into the README)
     python scripts/keep_profile_reports.py --dest /path/to/magr/reports/profiles --threads 1
+    # or, from another tree: python /path/to/magr/scripts/keep_profile_reports.py --root prof --dest ...
 
 What is copied is derived, not listed: every output under reports/ of every stage in dvc.lock (so files of the
 default that the profile's stages do not write stay behind) and reports/pipeline_wall_time.md (written by
-`make repro`). The profile's reports/metrics.json is then the reference of
+`make repro`). REPORT.md and metrics.json are then rebuilt from the kept files alone (scripts/build_report.py of
+this tree): the clone's report stage also read the default's committed files under reports/ (its "outside the
+pipeline" sections are about the default's model). The kept metrics.json is the reference of
 ``scripts/check_reproduction.py --profile <profile>``.
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ import yaml
 
 from magr.pipeline.machine import machine_info
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 def report_outputs(root: Path) -> list[str]:
@@ -47,40 +51,57 @@ def git(*args: str, root: Path) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
+def rebuild_report(root: Path, dest: Path) -> None:
+    """REPORT.md and metrics.json of ``dest`` from its files alone, by this tree's build_report.py, run in ``root``
+    (the profile's params.yaml; its model folder for the window protocol)."""
+    subprocess.run([sys.executable, str(HERE / "build_report.py"), "--params", "params.yaml", "--reports", str(dest),
+                    "--out", str(dest / "REPORT.md"), "--metrics", str(dest / "metrics.json")],
+                   cwd=root, check=True, capture_output=True, text=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dest", required=True, help="folder that gets <profile>/ (e.g. the main tree's reports/profiles)")
+    p.add_argument("--root", type=Path, default=ROOT,
+                   help="the profile's clone, where it ran (default: this script's tree)")
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "torch's default"),
                    help="the torch threads the runs used, for the README (default: $OMP_NUM_THREADS)")
     p.add_argument("--note", default="", help="a line for the README (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    root = args.root.resolve()
+    params = yaml.safe_load((root / "params.yaml").read_text())
     profile = params.get("profile")
-    if not profile or not (ROOT / "profiles" / f"{profile}.yaml").is_file():
+    if not profile or not (root / "profiles" / f"{profile}.yaml").is_file():
         raise SystemExit(f"params.yaml names profile {profile!r}, which is not in profiles/; copy a profile to "
                          "params.yaml and run it first")
-    if (ROOT / "profiles" / f"{profile}.yaml").read_text() != (ROOT / "params.yaml").read_text():
+    if (root / "profiles" / f"{profile}.yaml").read_text() != (root / "params.yaml").read_text():
         raise SystemExit(f"params.yaml differs from profiles/{profile}.yaml: keep only the reports of a profile as "
                          "it is committed")
-    outs = report_outputs(ROOT)
+    outs = report_outputs(root)
     dest = Path(args.dest) / profile
     if dest.exists():
         shutil.rmtree(dest)
     for rel in outs:
-        src, dst = ROOT / rel, dest / Path(rel).relative_to("reports")
+        src, dst = root / rel, dest / Path(rel).relative_to("reports")
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-    changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=ROOT).splitlines()  # outputs aside
-               if not ln.endswith(("params.yaml", "dvc.lock")) and not ln[3:].startswith("reports/")]
-    commit = git("rev-parse", "HEAD", root=ROOT) + (" (with uncommitted changes)" if changed else "")
+    rebuild_report(root, dest)
+
+    def commit_of(tree: Path) -> str:
+        changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=tree).splitlines()
+                   if not ln.endswith(("params.yaml", "dvc.lock")) and not ln[3:].startswith("reports/")]  # outputs
+        return git("rev-parse", "HEAD", root=tree) + (" (with uncommitted changes)" if changed else "")
+
     info = machine_info()
     lines = [f"# Profile `{profile}`: its reports, as its pipeline wrote them", "",
              f"- command: `cp profiles/{profile}.yaml params.yaml && make repro` (torch threads: {args.threads})",
-             f"- commit: {commit}",
+             f"- commit: {commit_of(root)}",
              f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, GPU {info['gpu']}; "
              f"torch {info['torch']}, transformers {info['transformers']}",
              f"- kept: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} by `python "
-             f"scripts/keep_profile_reports.py` (every output under reports/ in dvc.lock, and pipeline_wall_time.md)",
+             f"scripts/keep_profile_reports.py` (every output under reports/ in dvc.lock, and pipeline_wall_time.md); "
+             f"REPORT.md and metrics.json rebuilt from these files alone by scripts/build_report.py at "
+             f"{commit_of(ROOT)}",
              f"- check: `cp profiles/{profile}.yaml params.yaml && make repro && python scripts/check_reproduction.py "
              f"--profile {profile}`"]
     if args.note:

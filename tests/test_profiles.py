@@ -104,6 +104,48 @@ def test_kept_profile_reports_are_the_outputs_dvc_lock_names(tmp_path):
         keep.report_outputs(tmp_path)
 
 
+def test_kept_profile_report_is_rebuilt_from_the_profile_outputs_alone(tmp_path):
+    """The kept REPORT.md and metrics.json come from the copied outputs only: a file of the default left in the
+    clone's reports/ (its Table 2 csv: values; its forward-dtype note: a section) is in neither, the profile's
+    Table 2 is in both, and the README names the clone's commit."""
+    import json
+    import shutil
+    import subprocess
+
+    from magr.reproduction.reported import report_values
+
+    keep = _script("keep_profile_reports")
+    clone, dest = tmp_path / "clone", tmp_path / "kept"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profile"] = "p"
+    (clone / "profiles").mkdir(parents=True)
+    for name in ("params.yaml", "profiles/p.yaml"):
+        (clone / name).write_text(yaml.safe_dump(params))
+    lock = {"stages": {"tables": {"cmd": "x", "outs": [{"path": "reports/table2_perplexity.md"},
+                                                       {"path": "reports/table2_perplexity.csv"}]}}}
+    (clone / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (clone / "reports/alpha_perplexity").mkdir(parents=True)
+    for rel in ("table2_perplexity.md", "table2_perplexity.csv", "forward_dtype.md"):
+        shutil.copy(ROOT / "reports" / rel, clone / "reports" / rel)
+    left = next((ROOT / "reports/alpha_perplexity").glob("*/alpha_perplexity.csv"))  # the default's, left behind
+    (clone / "reports/alpha_perplexity" / left.parent.name).mkdir()
+    shutil.copy(left, clone / "reports/alpha_perplexity" / left.parent.name / left.name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "profile"], check=True)
+    assert keep.main(["--root", str(clone), "--dest", str(dest), "--threads", "1"]) == 0
+    kept = dest / "p"
+    metrics = json.loads((kept / "metrics.json").read_text())
+    assert metrics and set(metrics) == set(report_values(kept))
+    assert not any(k.startswith("alpha ppl") for k in metrics), "the default's leftover values were kept"
+    assert set(metrics) <= set(json.loads((ROOT / "reports/metrics.json").read_text()))
+    report = (kept / "REPORT.md").read_text()
+    assert "## Table 2: perplexity" in report and "Forward dtype" not in report
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert f"- commit: {head}\n" in (kept / "README.md").read_text()
+
+
 def test_check_reproduction_refuses_a_profile_params_yaml_does_not_run():
     check = _script("check_reproduction")
     running = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["profile"]
