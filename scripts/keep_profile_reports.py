@@ -56,7 +56,7 @@ def rebuild_report(root: Path, dest: Path) -> None:
     (the profile's params.yaml; its model folder for the window protocol)."""
     subprocess.run([sys.executable, str(HERE / "build_report.py"), "--params", "params.yaml", "--reports", str(dest),
                     "--out", str(dest / "REPORT.md"), "--metrics", str(dest / "metrics.json")],
-                   cwd=root, check=True, capture_output=True, text=True)
+                   cwd=root, check=True)
 
 
 def main(argv=None) -> int:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"params.yaml differs from profiles/{profile}.yaml: keep only the reports of a profile as "
                          "it is committed")
     outs = report_outputs(root)
-    dest = Path(args.dest) / profile
+    dest = Path(args.dest).resolve() / profile
     if dest.exists():
         shutil.rmtree(dest)
     for rel in outs:
