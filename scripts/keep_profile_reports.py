@@ -47,8 +47,8 @@ def report_outputs(root: Path) -> list[str]:
     return outs
 
 
-def git(*args: str, root: Path) -> str:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+def git(*args: str, root: Path) -> str:  # rstrip: a porcelain line may start with a space
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.rstrip()
 
 
 def rebuild_report(root: Path, dest: Path) -> None:

@@ -134,6 +134,7 @@ def test_kept_profile_report_is_rebuilt_from_the_profile_outputs_alone(tmp_path)
     subprocess.run(["git", "init", "-q", str(clone)], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "profile"], check=True)
+    (clone / "reports/table2_perplexity.md").write_text("# Table 2\n\nan output, changed by the run\n")
     assert keep.main(["--root", str(clone), "--dest", str(dest), "--threads", "1"]) == 0
     kept = dest / "p"
     metrics = json.loads((kept / "metrics.json").read_text())
@@ -143,7 +144,11 @@ def test_kept_profile_report_is_rebuilt_from_the_profile_outputs_alone(tmp_path)
     report = (kept / "REPORT.md").read_text()
     assert "## Table 2: perplexity" in report and "Forward dtype" not in report
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    assert f"- commit: {head}\n" in (kept / "README.md").read_text()
+    assert f"- commit: {head}\n" in (kept / "README.md").read_text(), "a changed output is not a changed commit"
+    (clone / "profiles/q.yaml").write_text("")
+    subprocess.run([*git, "add", "profiles/q.yaml"], check=True)
+    keep.main(["--root", str(clone), "--dest", str(dest), "--threads", "1"])
+    assert f"- commit: {head} (with uncommitted changes)\n" in (kept / "README.md").read_text()
 
 
 def test_check_reproduction_refuses_a_profile_params_yaml_does_not_run():
