@@ -30,13 +30,13 @@ def protocol(args) -> list[str]:
             "--max-windows", str(args.windows), "--save-format", "gptq"]
 
 
-def estimate(args, model: str) -> float:
-    """GiB the streamed run should peak at (magr.pipeline.memory, this run's protocol, float32 on the CPU)."""
+def estimate(args, model: str, method: str) -> float:
+    """GiB the streamed run of ``method`` should peak at (magr.pipeline.memory, this protocol, float32 on the CPU)."""
     from magr.pipeline.memory import Shapes, streaming_memory
     from magr.pipeline.models import load_config
 
     m = streaming_memory(Shapes.of(load_config(model)), nsamples=args.nsamples, seqlen=args.seqlen, dtype_bytes=4,
-                         forward_bytes=4, eval_windows=args.windows, eval_seqlen=args.seqlen)
+                         forward_bytes=4, eval_windows=args.windows, eval_seqlen=args.seqlen, method=method)
     return m["cpu"] / GIB
 
 
@@ -87,7 +87,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     here = str(HERE.parent)
-    est = estimate(args, args.model)
     full = args.full_method or args.methods[0]
     rows = []  # the full loads first: they fail within minutes
     if args.full_pythonpath:
@@ -95,7 +94,8 @@ def main(argv=None) -> int:
     if args.full:
         rows.append(measured(args, f"full-{full}", full, "full", here))
     rows += [measured(args, f"stream-{m}", m, "stream", here) for m in args.methods]
-    lines = [f"estimate (magr.pipeline.memory, streamed, this protocol): {est:.2f} GiB + the Python / torch runtime",
+    est = ", ".join(f"{m} {estimate(args, args.model, m):.2f}" for m in dict.fromkeys([full, *args.methods]))
+    lines = [f"estimate (magr.pipeline.memory, streamed, this protocol): {est} GiB + the Python / torch runtime",
              "| run | exit | wall s | peak RSS GiB | limit GiB | killed at the limit | ppl wikitext2 | GPTQ export |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

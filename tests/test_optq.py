@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magr.core.optq import OPTQ
+from magr.core.optq import OPTQ, damped_inverse_cholesky
 from magr.core.quantizers import Grid, rtn
 
 
@@ -206,14 +206,28 @@ def test_all_inputs_dead_gives_zero_weight():
     assert torch.equal(Q, torch.zeros_like(W))
 
 
-def test_dtype_and_input_not_modified():
-    X = correlated_inputs(40, 16)
+@pytest.mark.parametrize("dead,actorder", [((), False), ((), True), ((2, 7), False), ((2, 7), True)])
+def test_dtype_and_input_not_modified(dead, actorder):
+    """OPTQ reads the caller's H without copying it, and copies it where a dead input changes it."""
+    X = correlated_inputs(40, 16, dead=dead)
     H = X.T @ X
     W = torch.randn(4, 16, dtype=torch.float64)
     W0, H0 = W.clone(), H.clone()
-    Q = optq(W, H, 4)
+    Q = optq(W, H, 4, actorder=actorder)
     assert Q.dtype == torch.float64 and Q.shape == W.shape
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+def test_damped_inverse_cholesky_is_the_formula_to_the_bit():
+    """The damping added to a copy's diagonal gives the values of chol((H + damp I)^-1) as GPTQ writes it."""
+    X = correlated_inputs(42, 48)
+    H = X.T @ X
+    H0 = H.clone()
+    damp = 0.01 * torch.diagonal(H).mean()
+    L = torch.linalg.cholesky(H + damp * torch.eye(48))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    assert torch.equal(damped_inverse_cholesky(H, 0.01), expected)
+    assert torch.equal(H, H0)
 
 
 def test_singular_hessian_without_damping_still_works():

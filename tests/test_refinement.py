@@ -89,6 +89,16 @@ def test_cd_covariance_formula():
     torch.testing.assert_close(N, expected.double())
 
 
+def test_cd_covariance_is_the_formula_to_the_bit_and_leaves_h():
+    """One float64 copy, damped on its diagonal in place: the values of the released code's H + damp * I."""
+    X = torch.randn(300, 40, generator=torch.Generator().manual_seed(3)) * torch.logspace(0, -2, 40)
+    H = X.T @ X
+    H0 = H.clone()
+    Hd = H.double() + DAMP * torch.diagonal(H.double()).mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.equal(cd_covariance(H, DAMP, EPS), Hd / (torch.diagonal(Hd) + EPS).unsqueeze(0))
+    assert torch.equal(H, H0)
+
+
 def test_cd_step_passes_follow_the_released_rule():
     W, S, Q0, p = cd_problem(13, bits=3, group_size=None)
     assert CD().resolved(Grid(2)).passes == 30 and CD().resolved(Grid(3)).passes == 1

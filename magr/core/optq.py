@@ -35,15 +35,22 @@ GROUP_GRIDS = ("block_start", "current")
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^{-1}, raising damping if needed."""
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^{-1}, raising damping if needed.
+
+    At most two n x n matrices besides H exist at once (the damped sum and its factor, the factor and the
+    inverse, the inverse and U): the damping is added to a copy's diagonal, each one freed when used.
+    """
     damp = percdamp * torch.diagonal(H).mean()
     for attempt in range(6):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        damped = H.clone()
+        damped.diagonal().add_(damp)  # the values of H + damp * I
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U
         damp = damp * 10 if damp > 0 else torch.diagonal(H).mean() * 1e-4 + 1e-8
@@ -70,7 +77,7 @@ def _grids_and_order(W, H, grid: Grid, actorder: bool, static_groups: bool):
     perm = torch.arange(n, device=W.device)
     if actorder:
         perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm[:, None], perm]  # one copy of H
     if grid.group_size is None:
         group_of = torch.zeros(n, dtype=torch.long, device=W.device)
     elif static_groups:
@@ -151,10 +158,11 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
         raise ValueError(f"H must be {n} x {n} for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
     dtype = W.dtype
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float()  # the caller's H, read only: copied where a dead input changes it
 
     dead = torch.diagonal(H) == 0
     if dead.any():
+        H = H.clone()
         H[dead, dead] = 1
         W[:, dead] = 0
 
@@ -162,6 +170,7 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
     fit = group_size if group_size is not None and not static_groups else None  # grids fitted in the loop
     W, H, scale_g, zero_g, perm, group_of = _grids_and_order(W, H, grid, actorder, static_groups)
     U = damped_inverse_cholesky(H, percdamp)
+    del H  # (the act-order permuted copy)
     U_rows = U.contiguous()  # the same values, rows contiguous for the column loop
     Q = torch.empty_like(W)  # every column is written, as every block column of Err1
     for i1 in range(0, n, blocksize):

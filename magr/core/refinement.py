@@ -39,10 +39,10 @@ GRIDS = ("keep", "refit")
 
 
 def cd_covariance(H: torch.Tensor, damp: float, eps: float) -> torch.Tensor:
-    """N[i, j] = H'[i, j] / (H'[j, j] + eps) with H' = H + damp * mean(diag H) * I (float64)."""
-    H = H.double()
-    Hd = H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return Hd / (torch.diagonal(Hd) + eps).unsqueeze(0)
+    """N[i, j] = H'[i, j] / (H'[j, j] + eps) with H' = H + damp * mean(diag H) * I (float64; one n x n copy)."""
+    Hd = H.to(torch.float64, copy=True)
+    Hd.diagonal().add_(damp * torch.diagonal(Hd).mean())  # the values of H + damp * mean(diag H) * I
+    return Hd.div_((torch.diagonal(Hd) + eps).unsqueeze(0))
 
 
 def cd_objective(Q: torch.Tensor, W: torch.Tensor, H: torch.Tensor, damp: float, eps: float) -> float:

@@ -5,9 +5,8 @@ A streamed run (:mod:`magr.pipeline.streaming`) holds, besides the Python / torc
 - host: the resident tensors (embeddings, lm_head unless tied, final norm) in the model's dtype, and at most two
   blocks' tensors read from disk (the open block and the prefetched next one);
 - compute device: the open block in the model's dtype; the method's float32 working set on the largest group of
-  layers sharing an input (an upper estimate: four copies of the group's weights, as MagR's iterates and OPTQ's
-  W, Q and errors, and five of its H = X^T X: the statistics, OPTQ's copy, the damped sum, its Cholesky factor and
-  the inverse, which coexist in :func:`magr.core.optq.damped_inverse_cholesky`); the calibration
+  layers sharing an input (:data:`WORKING_SET`: copies of the group's weights and of its H = X^T X, measured); the
+  calibration
   activations, block inputs and outputs, nsamples x seqlen x hidden each in the forward dtype; one forward batch's
   MLP intermediates; and for perplexity every window's hidden states (inputs and outputs of a block).
 
@@ -63,16 +62,28 @@ class Shapes:
         return self.layers * self.block_params + self.resident_params
 
 
-def working_set_bytes(s: Shapes) -> int:
-    """The method's float32 working set on the largest group of layers sharing an input (module docstring)."""
+#: Per method, the float32 working set of one layer group's quantization as (copies of the group's weights,
+#: copies of its n x n H): the peak above the call's start of ``magr.pipeline.blocks.quantize_group`` fitted on two
+#: shapes (``python benchmarks/layer_memory.py``, CPU, one thread; benchmarks/NOTES.md "Memory of one layer"),
+#: rounded up, plus the layer statistics in H's column (H and H_last; none for RTN); MagR by the larger of its fista
+#: (tf32) and spg (bf16, the profiles') solvers, spg's. MagR's iterates, step memory and projections are most of the
+#: weights' copies; OPTQ holds two n x n matrices besides H at once.
+WORKING_SET = {"rtn": (5, 1), "optq": (4, 4), "magr+rtn": (20, 6), "magr+optq": (20, 6), "magr+optq-cd": (20, 6)}
+
+
+def working_set_bytes(s: Shapes, method: str = "magr+optq") -> int:
+    """The method's float32 working set on the largest group of layers sharing an input (:data:`WORKING_SET`)."""
+    if method not in WORKING_SET:
+        raise ValueError(f"method {method!r} has no measured working set; allowed: {', '.join(WORKING_SET)}")
+    a, b = WORKING_SET[method]
     h, f, kv = s.hidden, s.intermediate, s.kv_width
     groups = [(h * (h + 2 * kv), h), (h * h, h), (2 * h * f, h), (h * f, f)]  # (weights, inputs) of q/k/v, o, gate/up, down
-    return max(4 * 4 * w + 5 * 4 * n * n for w, n in groups)
+    return max(4 * a * w + 4 * b * n * n for w, n in groups)
 
 
 def streaming_memory(s: Shapes, nsamples: int = 128, seqlen: int = 2048, dtype_bytes: int = 2,
                      forward_bytes: int = 2, eval_windows: int = 256, eval_seqlen: int = 2048,
-                     forward_batch: int = 8) -> dict[str, int]:
+                     forward_batch: int = 8, method: str = "magr+optq") -> dict[str, int]:
     """Bytes a streamed run needs (module docstring): ``host`` and ``device`` for quantization on a GPU,
     ``calibration`` (the block inputs and outputs, included in ``device``), ``eval`` (perplexity's hidden
     states, device), ``cpu`` (a CPU run: the larger of quantization and evaluation, all in one memory), and the
@@ -80,7 +91,7 @@ def streaming_memory(s: Shapes, nsamples: int = 128, seqlen: int = 2048, dtype_b
     block, resident = s.block_params * dtype_bytes, s.resident_params * dtype_bytes
     calibration = 2 * nsamples * seqlen * s.hidden * forward_bytes
     intermediates = 3 * forward_batch * seqlen * s.intermediate * forward_bytes
-    device = block + working_set_bytes(s) + calibration + intermediates
+    device = block + working_set_bytes(s, method) + calibration + intermediates
     evaluation = 2 * eval_windows * eval_seqlen * s.hidden * forward_bytes
     logits = eval_seqlen * s.vocab * 4
     host = resident + 2 * block
@@ -96,8 +107,8 @@ LLAMA2 = {"7B": Shapes(4096, 11008, 32, 32, 32, 32000), "13B": Shapes(5120, 1382
 
 def memory_table(models: dict[str, Shapes] = LLAMA2, **protocol) -> str:
     """The README's table: per model, the streamed run's memory in GiB under ``protocol`` (the keywords of
-    :func:`streaming_memory`; default the paper's: float16, 128 x 2048 calibration tokens, 256 x 2048 C4
-    evaluation windows)."""
+    :func:`streaming_memory`; default the paper's: MagR+OPTQ, float16, 128 x 2048 calibration tokens, 256 x 2048
+    C4 evaluation windows)."""
     header = ("| model | weights | one block | resident (embeddings, lm_head) | host (GPU run) | calibration "
               "activations (in + out) | device: quantization | device: perplexity | a CPU run, in all |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|"]
