@@ -67,7 +67,8 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.join(60)  # the task unwinds at its next Python step (after the matmul it is in)
-            if process.is_alive():
+            if process.is_alive():  # e.g. held at exit by a result its queue could not flush
                 process.kill()
+                process.join()  # reaped: no child left behind
         raise
     pool.shutdown(wait=True)
