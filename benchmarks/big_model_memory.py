@@ -88,13 +88,13 @@ def main(argv=None) -> int:
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     here = str(HERE.parent)
     full = args.full_method or args.methods[0]
+    est = ", ".join(f"{m} {estimate(args, args.model, m):.2f}" for m in dict.fromkeys([full, *args.methods]))
     rows = []  # the full loads first: they fail within minutes
     if args.full_pythonpath:
         rows.append(measured(args, f"main-{full}", full, "", args.full_pythonpath))
     if args.full:
         rows.append(measured(args, f"full-{full}", full, "full", here))
     rows += [measured(args, f"stream-{m}", m, "stream", here) for m in args.methods]
-    est = ", ".join(f"{m} {estimate(args, args.model, m):.2f}" for m in dict.fromkeys([full, *args.methods]))
     lines = [f"estimate (magr.pipeline.memory, streamed, this protocol): {est} GiB + the Python / torch runtime",
              "| run | exit | wall s | peak RSS GiB | limit GiB | killed at the limit | ppl wikitext2 | GPTQ export |",
              "|---|---|---|---|---|---|---|---|"]

@@ -9,9 +9,10 @@ statistics (H, H_last, X_last: :class:`magr.pipeline.calibration.LayerStats`) ex
 in b. ``magr.pipeline.memory.WORKING_SET`` holds these coefficients rounded up, plus the statistics.
 
     python benchmarks/layer_memory.py                         # the paper's methods at 4 bits, MagR by fista and spg
-    python benchmarks/layer_memory.py --methods optq --bits 3
+    python benchmarks/layer_memory.py --methods optq --actorder       # OPTQ's permuted copy of H
 
-A CPU measurement of host memory, with ``steady_allocator`` (as streamed runs of large models: buffers of 1 MiB
+Not covered: spg's factored gradient (2 x tokens < in, from X instead of H), X_last, half-precision layers (their
+float32 copy: ``magr.pipeline.memory.working_set_bytes`` adds it). A CPU measurement of host memory, with ``steady_allocator`` (as streamed runs of large models: buffers of 1 MiB
 or more mmapped and given back when freed), so the peak is what was live at once; on a GPU the caching
 allocator's peak would be the figure to read.
 """
@@ -28,7 +29,7 @@ import psutil
 import torch
 
 
-def child(method: str, n: int, out: int, bits: int, tokens: int, solver: str) -> dict:
+def child(method: str, n: int, out: int, bits: int, tokens: int, solver: str, actorder: bool) -> dict:
     from magr.core.methods import PRESETS, QuantConfig
     from magr.pipeline.blocks import quantize_group
     from magr.pipeline.calibration import LayerStats
@@ -48,7 +49,8 @@ def child(method: str, n: int, out: int, bits: int, tokens: int, solver: str) ->
         return layer, st
 
     magr = {"solver": solver, "precision": PRECISION[solver]} if PRESETS[method].preprocess else {}
-    cfg = QuantConfig.build(method=method, bits=bits, **magr)
+    optq = {"actorder": actorder} if "optq" in method else {}
+    cfg = QuantConfig.build(method=method, bits=bits, **magr, **optq)
     small, small_st = problem(64, 8, 128)
     quantize_group([small], small_st, cfg)  # the libraries loaded and their pools started before the measurement
     layer, st = problem(n, out, tokens)
@@ -64,10 +66,10 @@ SHAPES = ((256, 4096), (4096, 1024))  # (out, in): H large beside W, then W larg
 PRECISION = {"fista": "tf32", "spg": "bf16", "ista": "fp32"}  # each MagR solver at its default (spg: the profiles')
 
 
-def measure(method: str, out: int, n: int, bits: int, tokens: int, solver: str) -> dict:
+def measure(method: str, out: int, n: int, bits: int, tokens: int, solver: str, actorder: bool) -> dict:
     res = subprocess.run([sys.executable, __file__, "--child", method, "--n", str(n), "--out", str(out), "--bits",
-                          str(bits), "--tokens", str(tokens), "--solver", solver], capture_output=True, text=True,
-                         check=True,
+                          str(bits), "--tokens", str(tokens), "--solver", solver,
+                          "--actorder" if actorder else "--no-actorder"], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -79,16 +81,19 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["rtn", "optq", "magr+rtn", "magr+optq", "magr+optq-cd"])
     p.add_argument("--solvers", nargs="+", default=["fista", "spg"], choices=list(PRECISION),
                    help="MagR solvers, each at its default precision (fista: the library's default, spg: the profiles')")
+    p.add_argument("--actorder", action=argparse.BooleanOptionalAction, default=False,
+                   help="OPTQ with act-order (its permuted copy of H)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--solver", default="fista", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.n, args.out, args.bits, args.tokens, args.solver)))
+        print(json.dumps(child(args.child, args.n, args.out, args.bits, args.tokens, args.solver, args.actorder)))
         return 0
     (o1, n1), (o2, n2) = SHAPES
-    print(f"torch {torch.__version__}; one thread; {args.bits} bits, {args.tokens} calibration tokens; peak above "
+    print(f"torch {torch.__version__}; one thread; {args.bits} bits, {args.tokens} calibration tokens, act-order "
+          f"{args.actorder}; peak above "
           f"the call's start in MiB for out x in = {o1} x {n1} and {o2} x {n2}; a, b: peak = a |W| + b |H|")
     print(f"| method | peak, {o1} x {n1} | peak, {o2} x {n2} | a (copies of W) | b (copies of H) |\n"
           "|---|---:|---:|---:|---:|")
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
 
     for method in args.methods:
         for solver in args.solvers if PRESETS[method].preprocess else [None]:
-            p1, p2 = (measure(method, o, n, args.bits, args.tokens, solver or "fista")["peak_above_mib"] * 2**20
+            p1, p2 = (measure(method, o, n, args.bits, args.tokens, solver or "fista", args.actorder)["peak_above_mib"]
+                      * 2**20
                       for o, n in SHAPES)
             sol = torch.linalg.solve(torch.tensor([[4.0 * o1 * n1, 4.0 * n1 * n1], [4.0 * o2 * n2, 4.0 * n2 * n2]],
                                                   dtype=torch.float64), torch.tensor([p1, p2], dtype=torch.float64))

@@ -3,7 +3,8 @@
 scripts/stage_times.py times the stages of the last `dvc repro` by their outputs' modification times, which only
 holds for an uninterrupted run. This reads every ``runs/cells/<cell>/seed-<s>/magr_run.json`` instead: the
 quantization's ``seconds`` and each perplexity set's ``seconds`` as the run measured them (time inside the
-process: a stopped or paused process's wait is in them, a gap between two `make repro` calls is not). The last
+process: a stopped or paused process's wait is in them, a gap between two `make repro` calls is not), with the
+recorded seconds of the blocks a run resumed from an interrupted one's checkpoints. The last
 column is the cell at its fastest seed and perplexity set, every seed and set: what the cell costs without the
 slow-downs a shared machine adds to some runs (an estimate, not a measurement of one run).
 
@@ -17,13 +18,19 @@ import sys
 from pathlib import Path
 
 
+def run_quantization_seconds(run: dict) -> float:
+    """The run's own ``seconds`` (its process) plus, for blocks it resumed from checkpoints, the seconds the
+    interrupted process had recorded for them (their quantization, without the forwards that fed them)."""
+    return run["seconds"] + sum(run["block_seconds"][i] for i in run.get("resumed_blocks") or [])
+
+
 def cell_seconds(cells: Path) -> list[dict]:
     rows = []
     for cell in sorted(p for p in cells.iterdir() if p.is_dir()):
         runs = [json.loads(f.read_text()) for f in sorted(cell.glob("seed-*/magr_run.json"))]
         if not runs:
             continue
-        quant = [r["seconds"] for r in runs]
+        quant = [run_quantization_seconds(r) for r in runs]
         ppl = [s["seconds"] for r in runs for s in (r.get("ppl") or {}).values()]
         rows.append({"cell": cell.name, "seeds": len(runs), "quantization s": sum(quant),
                      "per seed (min-max)": f"{min(quant):.0f}-{max(quant):.0f}", "perplexity s": sum(ppl),

@@ -54,9 +54,10 @@ def git(*args: str, root: Path) -> str:  # rstrip: a porcelain line may start wi
 def rebuild_report(root: Path, dest: Path) -> None:
     """REPORT.md and metrics.json of ``dest`` from its files alone, by this tree's build_report.py, run in ``root``
     (the profile's params.yaml; its model folder for the window protocol)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this magr
     subprocess.run([sys.executable, str(HERE / "build_report.py"), "--params", "params.yaml", "--reports", str(dest),
                     "--out", str(dest / "REPORT.md"), "--metrics", str(dest / "metrics.json")],
-                   cwd=root, check=True)
+                   cwd=root, check=True, env=env)
 
 
 def main(argv=None) -> int:
@@ -79,13 +80,14 @@ def main(argv=None) -> int:
                          "it is committed")
     outs = report_outputs(root)
     dest = Path(args.dest).resolve() / profile
-    if dest.exists():
-        shutil.rmtree(dest)
+    staging = dest.with_name(f".{profile}.keeping")  # made whole first: a failure leaves the kept copy as it was
+    if staging.exists():
+        shutil.rmtree(staging)
     for rel in outs:
-        src, dst = root / rel, dest / Path(rel).relative_to("reports")
+        src, dst = root / rel, staging / Path(rel).relative_to("reports")
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-    rebuild_report(root, dest)
+    rebuild_report(root, staging)
 
     def commit_of(tree: Path) -> str:
         changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=tree).splitlines()
@@ -108,7 +110,10 @@ def main(argv=None) -> int:
         lines.append(f"- note: {args.note}")
     lines += ["", "The report: [REPORT.md](REPORT.md); wall time per stage: [pipeline_wall_time.md](pipeline_wall_time.md).",
               ""]
-    (dest / "README.md").write_text("\n".join(lines))
+    (staging / "README.md").write_text("\n".join(lines))
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
     print(f"kept {len(outs)} outputs of profile {profile} in {dest}")
     return 0
 

@@ -89,10 +89,12 @@ def test_cd_covariance_formula():
     torch.testing.assert_close(N, expected.double())
 
 
-def test_cd_covariance_is_the_formula_to_the_bit_and_leaves_h():
-    """One float64 copy, damped on its diagonal in place: the values of the released code's H + damp * I."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cd_covariance_is_the_formula_to_the_bit_and_leaves_h(dtype):
+    """One float64 copy, damped on its diagonal in place: the values of the released code's H + damp * I; the
+    caller's H (float64 too: no conversion copies it) unchanged."""
     X = torch.randn(300, 40, generator=torch.Generator().manual_seed(3)) * torch.logspace(0, -2, 40)
-    H = X.T @ X
+    H = (X.T @ X).to(dtype)
     H0 = H.clone()
     Hd = H.double() + DAMP * torch.diagonal(H.double()).mean() * torch.eye(40, dtype=torch.float64)
     assert torch.equal(cd_covariance(H, DAMP, EPS), Hd / (torch.diagonal(Hd) + EPS).unsqueeze(0))

@@ -169,8 +169,8 @@ def optq(W: torch.Tensor, H: torch.Tensor, grid: Grid, percdamp: float, blocksiz
     columns = column_function(backend, W.device)
     fit = group_size if group_size is not None and not static_groups else None  # grids fitted in the loop
     W, H, scale_g, zero_g, perm, group_of = _grids_and_order(W, H, grid, actorder, static_groups)
-    U = damped_inverse_cholesky(H, percdamp)
-    del H  # (the act-order permuted copy)
+    U = damped_inverse_cholesky(H, percdamp)  # + 2 n x n; + 3 where H here is a copy (act-order, dead, not float32)
+    del H
     U_rows = U.contiguous()  # the same values, rows contiguous for the column loop
     Q = torch.empty_like(W)  # every column is written, as every block column of Err1
     for i1 in range(0, n, blocksize):

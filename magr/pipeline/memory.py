@@ -67,15 +67,18 @@ class Shapes:
 #: shapes (``python benchmarks/layer_memory.py``, CPU, one thread; benchmarks/NOTES.md "Memory of one layer"),
 #: rounded up, plus the layer statistics in H's column (H and H_last; none for RTN); MagR by the larger of its fista
 #: (tf32) and spg (bf16, the profiles') solvers, spg's. MagR's iterates, step memory and projections are most of the
-#: weights' copies; OPTQ holds two n x n matrices besides H at once.
-WORKING_SET = {"rtn": (5, 1), "optq": (4, 4), "magr+rtn": (20, 6), "magr+optq": (20, 6), "magr+optq-cd": (20, 6)}
+#: weights' copies; OPTQ holds two n x n matrices besides H at once, three with act-order (measured with and without;
+#: its entry is act-order's). Measured on float32 layers: a half-precision weight adds its float32 copy (one of a).
+WORKING_SET = {"rtn": (5, 1), "optq": (4, 5), "magr+rtn": (20, 6), "magr+optq": (20, 6), "magr+optq-cd": (20, 6)}
 
 
-def working_set_bytes(s: Shapes, method: str = "magr+optq") -> int:
-    """The method's float32 working set on the largest group of layers sharing an input (:data:`WORKING_SET`)."""
+def working_set_bytes(s: Shapes, method: str = "magr+optq", weight_bytes: int = 4) -> int:
+    """The method's float32 working set on the largest group of layers sharing an input (:data:`WORKING_SET`), for
+    weights of ``weight_bytes`` (under 4: one more copy, their float32 conversion)."""
     if method not in WORKING_SET:
         raise ValueError(f"method {method!r} has no measured working set; allowed: {', '.join(WORKING_SET)}")
     a, b = WORKING_SET[method]
+    a += weight_bytes < 4
     h, f, kv = s.hidden, s.intermediate, s.kv_width
     groups = [(h * (h + 2 * kv), h), (h * h, h), (2 * h * f, h), (h * f, f)]  # (weights, inputs) of q/k/v, o, gate/up, down
     return max(4 * a * w + 4 * b * n * n for w, n in groups)
@@ -91,7 +94,7 @@ def streaming_memory(s: Shapes, nsamples: int = 128, seqlen: int = 2048, dtype_b
     block, resident = s.block_params * dtype_bytes, s.resident_params * dtype_bytes
     calibration = 2 * nsamples * seqlen * s.hidden * forward_bytes
     intermediates = 3 * forward_batch * seqlen * s.intermediate * forward_bytes
-    device = block + working_set_bytes(s, method) + calibration + intermediates
+    device = block + working_set_bytes(s, method, dtype_bytes) + calibration + intermediates
     evaluation = 2 * eval_windows * eval_seqlen * s.hidden * forward_bytes
     logits = eval_seqlen * s.vocab * 4
     host = resident + 2 * block

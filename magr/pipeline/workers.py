@@ -69,6 +69,8 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
             process.join(60)  # the task unwinds at its next Python step (after the matmul it is in)
             if process.is_alive():  # e.g. held at exit by a result its queue could not flush
                 process.kill()
-                process.join()  # reaped: no child left behind
+                process.join(10)  # reaped: no child left behind
+                if process.is_alive():
+                    log.warning("worker %s (pid %s) did not exit after SIGKILL", process.name, process.pid)
         raise
     pool.shutdown(wait=True)
