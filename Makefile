@@ -42,7 +42,7 @@ repro:
 	dvc repro && t2=$$(date +%s) && \
 	printf '# Pipeline wall time\n\n`make repro`: %s s in all (setup %s s, `dvc repro` %s s) on %s, %s cores, finished %s.\n' \
 	  "$$((t2 - t0))" "$$((t1 - t0))" "$$((t2 - t1))" "$$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
-	  "$$(nproc)" "$$(date -u +%Y-%m-%dT%H:%MZ)" > reports/pipeline_wall_time.md && \
+	  "$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" "$$(date -u +%Y-%m-%dT%H:%MZ)" > reports/pipeline_wall_time.md && \
 	printf '\nSeconds per stage (scripts/stage_times.py: from each stage'"'"'s newest output in dvc.lock):\n\n' \
 	  >> reports/pipeline_wall_time.md && \
 	$(BIN)/python scripts/stage_times.py --dvc-seconds "$$((t2 - t1))" --setup-seconds "$$((t1 - t0))" \

@@ -19,14 +19,19 @@ def newest_mtime(path: Path) -> float:
     return max((p.stat().st_mtime for p in files if p.exists()), default=0.0)
 
 
-def stage_seconds(lock: Path, dvc_seconds: float) -> list[tuple[str, float]]:
+def stage_seconds(lock: Path, dvc_seconds: float) -> list[tuple[str, float | None]]:
+    """(stage, seconds) in the order the stages ended; None for a stage whose outputs are older than this `dvc repro`
+    (it did not run: kept from an earlier, interrupted or partial, one), so a resumed pipeline shows no made-up times."""
     stages = yaml.safe_load(lock.read_text())["stages"]
     root = lock.parent
     ends = sorted((max(newest_mtime(root / o["path"]) for o in s["outs"]), name)
                   for name, s in stages.items() if s.get("outs"))
-    prev = ends[-1][0] - dvc_seconds
+    start = prev = ends[-1][0] - dvc_seconds
     out = []
     for end, name in ends:
+        if end < start:
+            out.append((name, None))
+            continue
         out.append((name, end - prev))
         prev = end
     return out
@@ -41,7 +46,11 @@ def main(argv=None) -> None:
     rows = ["| stage | seconds |", "|---|---:|"]
     if args.setup_seconds is not None:
         rows.append(f"| setup (scripts/setup.sh) | {args.setup_seconds:.0f} |")
-    rows += [f"| {name} | {sec:.0f} |" for name, sec in stage_seconds(Path(args.lock), args.dvc_seconds)]
+    rows += [f"| {name} | {'-' if sec is None else f'{sec:.0f}'} |"
+             for name, sec in stage_seconds(Path(args.lock), args.dvc_seconds)]
+    if any(sec is None for _, sec in stage_seconds(Path(args.lock), args.dvc_seconds)):
+        rows.append("\n-: the stage's outputs are older than this `dvc repro` (kept from an earlier run; a resumed "
+                    "pipeline's cells: `python benchmarks/run_seconds.py runs/cells`)")
     print("\n".join(rows))
 
 
