@@ -28,9 +28,11 @@ import sys
 import psutil
 import torch
 
+from magr.core.methods import PRESETS
+
 
 def child(method: str, n: int, out: int, bits: int, tokens: int, solver: str, actorder: bool) -> dict:
-    from magr.core.methods import PRESETS, QuantConfig
+    from magr.core.methods import QuantConfig
     from magr.pipeline.blocks import quantize_group
     from magr.pipeline.calibration import LayerStats
     from magr.pipeline.memory import steady_allocator
@@ -57,9 +59,7 @@ def child(method: str, n: int, out: int, bits: int, tokens: int, solver: str, ac
     before = psutil.Process().memory_info().rss
     quantize_group([layer], st, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    h = 4 * n * n
-    return {"method": method, "n": n, "out": out, "bits": bits, "rss_before_mib": round(before / 2**20, 1),
-            "peak_above_mib": round((peak - before) / 2**20, 1), "peak_above_in_H": round((peak - before) / h, 2)}
+    return {"peak_above_mib": round((peak - before) / 2**20, 1)}
 
 
 SHAPES = ((256, 4096), (4096, 1024))  # (out, in): H large beside W, then W large beside H
@@ -97,8 +97,6 @@ def main(argv=None) -> int:
           f"the call's start in MiB for out x in = {o1} x {n1} and {o2} x {n2}; a, b: peak = a |W| + b |H|")
     print(f"| method | peak, {o1} x {n1} | peak, {o2} x {n2} | a (copies of W) | b (copies of H) |\n"
           "|---|---:|---:|---:|---:|")
-    from magr.core.methods import PRESETS
-
     for method in args.methods:
         for solver in args.solvers if PRESETS[method].preprocess else [None]:
             p1, p2 = (measure(method, o, n, args.bits, args.tokens, solver or "fista", args.actorder)["peak_above_mib"]

@@ -49,11 +49,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no magr_run.json under {args.cells}/*/seed-*/")
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|---|" + "---:|" * (len(cols) - 1))
-    for r in rows + [{"cell": "all", "seeds": sum(r["seeds"] for r in rows),
-                      "quantization s": sum(r["quantization s"] for r in rows), "per seed (min-max)": "",
-                      "perplexity s": sum(r["perplexity s"] for r in rows), "per set (min-max)": "",
-                      "total s": sum(r["total s"] for r in rows),
-                      "total at the fastest seed and set s": sum(r["total at the fastest seed and set s"] for r in rows)}]:
+    total = {c: sum(r[c] for r in rows) if isinstance(rows[0][c], (int, float)) else "" for c in cols}
+    for r in rows + [{**total, "cell": "all"}]:
         print("| " + " | ".join(f"{v:.0f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
     return 0
 

@@ -189,9 +189,7 @@ def quantize_cell(model: str, out, quant: QuantConfig, seeds, calibration: Calib
             log.info("%s reads no calibration data: one run (seed %d) stands for every seed", quant.label, seeds[0])
         seeds = seeds[:1]
     if workers > 1 and evaluation.eval_sets:  # the sequential runs check it in quantize_run; the workers' do not see the sets
-        skeleton = preflight.model_skeleton(model, DTYPES[options.get("dtype", "float32")])
-        if skeleton is not None:
-            preflight.check_context(skeleton, evaluation.eval_seqlen, "eval_seqlen")
+        preflight.check_eval_context(model, evaluation.eval_seqlen)
     if (len(seeds) > 1 or workers > 1) and evaluation.eval_sets and options.get("streams") is None:
         evaluation.check(options.get("data_root"))
         options["streams"] = evaluation.streams(load_tokenizer(model), options.get("data_root"))

@@ -51,6 +51,13 @@ def git(*args: str, root: Path) -> str:  # rstrip: a porcelain line may start wi
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.rstrip()
 
 
+def commit_of(tree: Path) -> str:
+    """HEAD of ``tree``, marked when files other than a pipeline's (params.yaml, dvc.lock, reports/) changed."""
+    changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=tree).splitlines()
+               if not ln.endswith(("params.yaml", "dvc.lock")) and not ln[3:].startswith("reports/")]
+    return git("rev-parse", "HEAD", root=tree) + (" (with uncommitted changes)" if changed else "")
+
+
 def rebuild_report(root: Path, dest: Path) -> None:
     """REPORT.md and metrics.json of ``dest`` from its files alone, by this tree's build_report.py, run in ``root``
     (the profile's params.yaml; its model folder for the window protocol)."""
@@ -88,11 +95,6 @@ def main(argv=None) -> int:
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
     rebuild_report(root, staging)
-
-    def commit_of(tree: Path) -> str:
-        changed = [ln for ln in git("status", "--porcelain", "--untracked-files=no", root=tree).splitlines()
-                   if not ln.endswith(("params.yaml", "dvc.lock")) and not ln[3:].startswith("reports/")]  # outputs
-        return git("rev-parse", "HEAD", root=tree) + (" (with uncommitted changes)" if changed else "")
 
     info = machine_info()
     lines = [f"# Profile `{profile}`: its reports, as its pipeline wrote them", "",

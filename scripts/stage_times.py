@@ -46,9 +46,9 @@ def main(argv=None) -> None:
     rows = ["| stage | seconds |", "|---|---:|"]
     if args.setup_seconds is not None:
         rows.append(f"| setup (scripts/setup.sh) | {args.setup_seconds:.0f} |")
-    rows += [f"| {name} | {'-' if sec is None else f'{sec:.0f}'} |"
-             for name, sec in stage_seconds(Path(args.lock), args.dvc_seconds)]
-    if any(sec is None for _, sec in stage_seconds(Path(args.lock), args.dvc_seconds)):
+    stages = stage_seconds(Path(args.lock), args.dvc_seconds)
+    rows += [f"| {name} | {'-' if sec is None else f'{sec:.0f}'} |" for name, sec in stages]
+    if any(sec is None for _, sec in stages):
         rows.append("\n-: the stage's outputs are older than this `dvc repro` (kept from an earlier run; a resumed "
                     "pipeline's cells: `python benchmarks/run_seconds.py runs/cells`)")
     print("\n".join(rows))

@@ -78,7 +78,7 @@ def working_set_bytes(s: Shapes, method: str = "magr+optq", weight_bytes: int = 
     if method not in WORKING_SET:
         raise ValueError(f"method {method!r} has no measured working set; allowed: {', '.join(WORKING_SET)}")
     a, b = WORKING_SET[method]
-    a += weight_bytes < 4
+    a += 1 if weight_bytes < 4 else 0
     h, f, kv = s.hidden, s.intermediate, s.kv_width
     groups = [(h * (h + 2 * kv), h), (h * h, h), (2 * h * f, h), (h * f, f)]  # (weights, inputs) of q/k/v, o, gate/up, down
     return max(4 * a * w + 4 * b * n * n for w, n in groups)

@@ -130,12 +130,21 @@ def model_skeleton(model: str, dtype: torch.dtype) -> nn.Module | None:
         raise ValueError(f"model {model!r}: transformers cannot build a causal LM from its config ({exc})") from None
 
 
-def check_context(model: nn.Module, seqlen: int, what: str) -> None:
-    """``seqlen`` (tokens per window) must fit the model's context (max_position_embeddings)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def check_context(model, seqlen: int, what: str) -> None:
+    """``seqlen`` (tokens per window) must fit the context (max_position_embeddings) of ``model``, a model or its
+    config."""
+    context = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if context is not None and seqlen > context:
         raise ValueError(f"{what}={seqlen} exceeds the model's context (max_position_embeddings={context}); "
                          f"allowed: at most {context}")
+
+
+def check_eval_context(model: str, eval_seqlen: int) -> None:
+    """:func:`check_context` of the perplexity windows from the model's config alone (no model built); a .gguf, whose
+    config comes with its weights, is checked after loading."""
+    config = load_config(model)
+    if config is not None:
+        check_context(config, eval_seqlen, "eval_seqlen")
 
 
 def check_model(model: nn.Module, quant, calibration=None, evaluation=None) -> None:
